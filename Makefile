@@ -1,0 +1,37 @@
+# The commands people type. Everything runs in .venv, created on first use.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+SOURCES := setup.cfg setup.py $(wildcard activitynet/*.py schemas/*.json)
+SEED ?= $(shell date +%s)
+CHAOS_SECONDS ?= 300
+
+.PHONY: test run chaos bench bench-short clean
+
+$(STAMP): $(SOURCES)
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --disable-pip-version-check ".[test]"
+	touch $(STAMP)
+
+## make test: set up .venv if needed and run the whole suite (what CI runs)
+test: $(STAMP)
+	$(PY) -m pytest
+
+## make run: start one server on the default port 3780 (ARGS="-lp 3781 -rh ..." to change)
+run: $(STAMP)
+	cd /tmp && $(abspath $(PY)) -m activitynet.server -lh 127.0.0.1 $(ARGS)
+
+## make chaos SEED=n CHAOS_SECONDS=s: the long fault-injection run, replayable by its seed
+chaos: $(STAMP)
+	CHAOS_SEED=$(SEED) CHAOS_SECONDS=$(CHAOS_SECONDS) $(PY) -m pytest -m chaos -s tests/test_chaos.py
+
+## make bench: the benchmark suite (make bench-short: the under-2-minute version)
+bench: $(STAMP)
+	$(PY) -m benchmarks
+
+bench-short: $(STAMP)
+	$(PY) -m benchmarks --short
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache

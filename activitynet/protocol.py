@@ -1,0 +1,170 @@
+"""The wire format: one compact JSON object per line, the message builders and protocol errors.
+
+Every message that leaves a server or a client is built here, so the field names live in one
+place; ``schemas/`` holds the same shapes for validation.
+"""
+
+import json
+import os
+import re
+
+ENCODING = "utf-8"
+HEARTBEAT = b"h\n"
+HEARTBEAT_LINE = b"h"
+
+_dumps = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
+
+
+def encode(message):
+    """Compact JSON plus the line terminator, as bytes ready for a socket."""
+    return (_dumps(message) + "\n").encode(ENCODING)
+
+
+def decode(line):
+    """Parse one line (bytes, without its terminator) into a message object.
+
+    Raises ``InvalidMessage`` when the line is not a JSON object; the ``info`` says why in terms a
+    person typing into telnet can act on.
+    """
+    try:
+        message = json.loads(line)
+    except UnicodeDecodeError:
+        raise InvalidMessage("the message is not valid UTF-8 text") from None
+    except ValueError as exc:
+        raise InvalidMessage(f"the message is not valid JSON: {exc.msg} at character {exc.pos}") from None
+    if not isinstance(message, dict):
+        raise InvalidMessage(f"the message must be a JSON object, not {type_name(message)}")
+    return message
+
+
+def type_name(value):
+    """The JSON name of a Python value's type, for error messages."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, (int, float)):
+        return "a number"
+    if isinstance(value, str):
+        return "a string"
+    if isinstance(value, list):
+        return "an array"
+    return "an object"
+
+
+# --- errors -------------------------------------------------------------------------------------
+
+class ProtocolError(Exception):
+    """A reply-and-close condition. ``command`` is the failure reply the peer receives."""
+
+    command = "INVALID_MESSAGE"
+
+    def __init__(self, info):
+        super().__init__(info)
+        self.info = info
+
+    def reply(self):
+        return {"command": self.command, "info": self.info}
+
+
+class InvalidMessage(ProtocolError):
+    command = "INVALID_MESSAGE"
+
+
+class AuthenticationFail(ProtocolError):
+    command = "AUTHENTICATION_FAIL"
+
+
+class LoginFailed(ProtocolError):
+    command = "LOGIN_FAILED"
+
+
+class RegisterFailed(ProtocolError):
+    command = "REGISTER_FAILED"
+
+
+# --- activity ids -------------------------------------------------------------------------------
+# Our ids are "<origin>:<seq>": origin is 16 random hex digits chosen when a server process starts,
+# seq counts that process's activities from 1. Foreign ids are opaque; ``parse_id`` returns None.
+
+_OWN_ID = re.compile(r"([0-9a-f]{16}):([0-9]{1,18})")
+
+
+def new_origin():
+    return os.urandom(8).hex()
+
+
+def make_id(origin, seq):
+    return f"{origin}:{seq}"
+
+
+def parse_id(activity_id):
+    """(origin, seq) for one of our ids, None for a foreign one."""
+    match = _OWN_ID.fullmatch(activity_id)
+    if match is None:
+        return None
+    return match.group(1), int(match.group(2))
+
+
+# --- message builders ---------------------------------------------------------------------------
+
+def info_message(command, info):
+    return {"command": command, "info": info}
+
+
+def register(username, secret):
+    return {"command": "REGISTER", "username": username, "secret": secret}
+
+
+def login(username, secret=None):
+    message = {"command": "LOGIN", "username": username}
+    if secret is not None:
+        message["secret"] = secret
+    return message
+
+
+def logout():
+    return {"command": "LOGOUT"}
+
+
+def activity_message(username, secret, activity):
+    message = {"command": "ACTIVITY_MESSAGE", "username": username, "activity": activity}
+    if secret is not None:
+        message["secret"] = secret
+    return message
+
+
+def redirect(hostname, port):
+    return {"command": "REDIRECT", "hostname": hostname, "port": port}
+
+
+def activity_broadcast(activity, activity_id):
+    return {"command": "ACTIVITY_BROADCAST", "activity": activity, "id": activity_id}
+
+
+def authenticate(secret):
+    return {"command": "AUTHENTICATE", "secret": secret}
+
+
+def server_announce(load, hostname, port):
+    return {"command": "SERVER_ANNOUNCE", "load": load, "hostname": hostname, "port": port}
+
+
+def sync_user(users):
+    return {"command": "SYNC_USER", "users": users}
+
+
+def new_user(username, secret):
+    return {"command": "NEW_USER", "username": username, "secret": secret}
+
+
+def user_conflict(username):
+    return {"command": "USER_CONFLICT", "username": username}
+
+
+def activity_retrieve(after, marks=None):
+    """ACTIVITY_RETRIEVE; ``marks`` (origin -> highest seq held) is our optional extension."""
+    message = {"command": "ACTIVITY_RETRIEVE", "after": after}
+    if marks:
+        message["marks"] = marks
+    return message

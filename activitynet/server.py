@@ -1,0 +1,274 @@
+"""activitynet server: relays activities between clients over a network of servers.
+
+Usage:
+  activitynet.server [options]
+
+Run it as "python -m activitynet.server". Project 1 example: -lp 3781 -rh localhost -rp 3780 -s abc
+
+Options (the Project 1 flag in brackets):
+  --local-port=PORT         [-lp] port to listen on; 0 picks a free one [default: 3780]
+  --local-host=HOST         [-lh] hostname other servers and redirected clients use to reach
+                            this one (default: this machine's address)
+  --remote-host=HOST        [-rh] a server of the network to join (default: start alone)
+  --remote-port=PORT        [-rp] its port [default: 3780]
+  --secret=SECRET           [-s] the servers' shared secret (default: generate and print one)
+  --activity-interval=MS    [-a] activity interval in ms; the longest wait between redials of
+                            a broken link [default: 5000]
+  --bind=ADDRESS            address to listen on [default: 0.0.0.0]
+  --history=N               activities kept for partition recovery [default: 100000]
+  --max-line=BYTES          longest line accepted from a client [default: 1048576]
+  --max-outbox=BYTES        unsent bytes after which a peer is too slow and is disconnected
+                            [default: 67108864]
+  --log-level=LEVEL         debug, info, warning or error [default: info]
+  -h --help                 show this text
+
+Design: a blocking accept loop starts one thread per connection (see ``run_connection``); all
+shared state is in one ``State`` behind one lock; writes go through each connection's outbox
+(see ``connection``). The heartbeat and the dialler run in threads of their own (``links``).
+"""
+
+import dataclasses
+import logging
+import resource
+import secrets
+import signal
+import socket
+import sys
+import threading
+
+from . import cli, handlers, protocol
+from .connection import Connection, LineTooLong, Poller, batch
+from .links import Dialer, Heartbeat
+from .protocol import ProtocolError, encode
+from .state import State
+
+log = logging.getLogger(__name__)
+
+ALIASES = {"-lp": "--local-port", "-lh": "--local-host", "-rh": "--remote-host",
+           "-rp": "--remote-port", "-s": "--secret", "-a": "--activity-interval"}
+LOG_LEVELS = ("debug", "info", "warning", "error")
+LISTEN_BACKLOG = 4096
+THREAD_STACK = 256 * 1024  # thousands of reader threads; our call depth is shallow
+SERVER_MAX_LINE = 64 * 1024 * 1024  # authenticated servers are trusted with bigger lines
+
+
+@dataclasses.dataclass
+class Settings:
+    local_port: int = 3780
+    local_host: str = "127.0.0.1"
+    remote_host: str | None = None
+    remote_port: int = 3780
+    secret: str | None = None
+    activity_interval: int = 5000
+    bind: str = "0.0.0.0"
+    history: int = 100_000
+    max_line: int = 1024 * 1024
+    max_outbox: int = 64 * 1024 * 1024
+    server_max_line: int = SERVER_MAX_LINE
+    log_level: str = "info"
+
+
+class Server:
+    """One activitynet server: ``serve_forever`` until ``shutdown``, then ``server_close``."""
+
+    def __init__(self, settings):
+        self.settings = settings
+        self.secret = settings.secret or generate_secret()
+        self.stopping = threading.Event()
+        self.listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self.listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            self.listener.bind((settings.bind, settings.local_port))
+        except OSError:
+            self.listener.close()
+            raise
+        self.listener.listen(LISTEN_BACKLOG)
+        self.port = self.listener.getsockname()[1]
+        self.state = State(settings.local_host, self.port, history_size=settings.history)
+        self.poller = Poller()
+        self._conns_lock = threading.Lock()  # guards _conns
+        self._conns = set()
+        self._threads = [Heartbeat(self)]
+        if settings.remote_host:
+            self._threads.append(Dialer(self, settings.remote_host, settings.remote_port,
+                                        max(settings.activity_interval, 100) / 1000))
+
+    @property
+    def address(self):
+        return self.settings.local_host, self.port
+
+    def serve_forever(self):
+        log.info("listening on %s:%d (announced as %s:%d)", self.settings.bind, self.port, *self.address)
+        for thread in self._threads:
+            thread.start()
+        number = 0
+        while not self.stopping.is_set():
+            try:
+                sock, _address = self.listener.accept()
+            except OSError:
+                if self.stopping.is_set():
+                    break
+                log.exception("accept failed")  # e.g. out of file descriptors; keep serving
+                self.stopping.wait(0.05)
+                continue
+            number += 1
+            try:
+                conn = Connection(sock, self.poller, self.settings.max_line, self.settings.max_outbox)
+                threading.Thread(target=self.run_connection, args=(conn,),
+                                 name=f"conn-{number}", daemon=True).start()
+            except Exception:  # e.g. no thread could be started; one connection, not the server
+                log.exception("cannot serve a new connection")
+                sock.close()
+
+    def run_connection(self, conn, opening=None):
+        """Read and handle ``conn`` until it ends; returns why it ended."""
+        with self._conns_lock:
+            if self.stopping.is_set():
+                conn.close("server stopping")
+                return "server stopping"
+            self._conns.add(conn)
+        ending = None
+        try:
+            if opening is not None:
+                opening(conn)
+            for lines in conn.batches():
+                with batch():
+                    ending = self._handle_lines(conn, lines)
+                if ending is not None:
+                    break
+        except LineTooLong as exc:
+            ending = (encode(protocol.info_message(
+                "INVALID_MESSAGE", f"line of {exc.args[0]} bytes or more is longer than the limit "
+                                   f"of {conn.max_line} bytes")), "line too long")
+        except Exception:
+            log.exception("error serving %s; closing it", conn.name)
+            conn.close("internal error")
+        finally:
+            if ending is not None:
+                data, reason = ending
+                log.info("closing %s: %s", conn.name, reason)
+                conn.finish(data, reason) if data else conn.close(reason)
+            conn.close("peer closed")
+            self.state.drop(conn)
+            with self._conns_lock:
+                self._conns.discard(conn)
+        return conn.close_reason
+
+    def _handle_lines(self, conn, lines):
+        """Handle a batch of lines; returns (last bytes, reason) once the connection must end."""
+        for line in lines:
+            try:
+                handlers.dispatch_line(self, conn, line)
+            except ProtocolError as err:
+                return encode(err.reply()), f"{err.command}: {err.info}"
+            except handlers.Goodbye as bye:
+                return (encode(bye.message) if bye.message else b""), bye.reason
+        return None
+
+    def shutdown(self):
+        """Stop accepting, close every connection; ``serve_forever`` returns soon after."""
+        self.stopping.set()
+        try:
+            self.listener.shutdown(socket.SHUT_RDWR)  # wakes the blocked accept()
+        except OSError:
+            pass
+        with self._conns_lock:
+            conns = list(self._conns)
+        for conn in conns:
+            conn.close("server stopping")
+
+    def server_close(self):
+        self.listener.close()
+        self.poller.close()
+
+
+def generate_secret():
+    return secrets.token_hex(13)
+
+
+def default_hostname():
+    """This machine's address as others would see it, falling back to loopback."""
+    try:
+        return socket.gethostbyname(socket.gethostname())
+    except OSError:
+        return "127.0.0.1"
+
+
+def parse_settings(argv):
+    """Settings from the command line; ``None`` when help was asked for. Raises UsageError."""
+    args = cli.parse(__doc__, argv, ALIASES)
+    if args is None:
+        return None
+    level = args["--log-level"].lower()
+    if level not in LOG_LEVELS:
+        raise cli.UsageError(f"--log-level must be one of {', '.join(LOG_LEVELS)}, not {level!r}")
+    remote_host = args["--remote-host"]
+    if remote_host is not None and not remote_host.strip():
+        raise cli.UsageError("-rh/--remote-host must not be empty")
+    secret = args["--secret"]
+    if secret is not None and not secret:
+        raise cli.UsageError("-s/--secret must not be empty")
+    return Settings(
+        local_port=cli.port(args["--local-port"], "-lp/--local-port"),
+        local_host=args["--local-host"] or default_hostname(),
+        remote_host=remote_host,
+        remote_port=cli.port(args["--remote-port"], "-rp/--remote-port"),
+        secret=secret,
+        activity_interval=cli.positive_int(args["--activity-interval"], "-a/--activity-interval"),
+        bind=args["--bind"],
+        history=cli.positive_int(args["--history"], "--history"),
+        max_line=cli.positive_int(args["--max-line"], "--max-line", minimum=64),
+        max_outbox=cli.positive_int(args["--max-outbox"], "--max-outbox", minimum=1024),
+        log_level=level,
+    )
+
+
+def raise_open_files_limit():
+    """Allow as many connections as the hard limit permits (one descriptor each)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+        except (ValueError, OSError):
+            pass
+
+
+def run(argv, stdout=sys.stdout, stderr=sys.stderr):
+    """The server command; returns the exit code."""
+    try:
+        settings = parse_settings(argv)
+    except cli.UsageError as exc:
+        print(f"activitynet.server: {exc}\nTry 'python -m activitynet.server --help'.", file=stderr)
+        return 2
+    if settings is None:
+        print(__doc__.split("\nDesign:")[0].strip(), file=stdout)
+        return 0
+    logging.basicConfig(
+        level=settings.log_level.upper(), stream=stderr,
+        format="%(asctime)s %(levelname)s [%(threadName)s] %(name)s: %(message)s")
+    raise_open_files_limit()
+    threading.stack_size(THREAD_STACK)
+    try:
+        server = Server(settings)
+    except OSError as exc:
+        print(f"activitynet.server: cannot listen on {settings.bind}:{settings.local_port}: "
+              f"{exc.strerror or exc}", file=stderr)
+        return 1
+    if settings.secret is None:
+        print(f"generated secret: {server.secret}", file=stdout, flush=True)
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, lambda *_: server.shutdown())
+    try:
+        server.serve_forever()
+    finally:
+        server.server_close()
+    log.info("stopped")
+    return 0
+
+
+def main():
+    sys.exit(run(sys.argv[1:]))
+
+
+if __name__ == "__main__":
+    main()

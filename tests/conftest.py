@@ -1,0 +1,35 @@
+"""Fixtures: factories for servers that are always stopped after the test."""
+
+import pytest
+
+from harness import LocalServer, ServerProcess
+
+
+@pytest.fixture
+def make_server():
+    """``make_server(remote=None, **settings)`` -> a LocalServer in this process."""
+    servers = []
+
+    def make(remote=None, **settings):
+        server = LocalServer(remote=remote, **settings)
+        servers.append(server)
+        return server
+
+    yield make
+    for server in reversed(servers):
+        server.stop()
+
+
+@pytest.fixture
+def make_process():
+    """``make_process(remote_port=None, ...)`` -> a started ServerProcess (python -m ...)."""
+    processes = []
+
+    def make(remote_port=None, **kwargs):
+        process = ServerProcess(remote_port=remote_port, **kwargs)
+        processes.append(process)
+        return process.start()
+
+    yield make
+    for process in reversed(processes):
+        process.stop()
