@@ -22,7 +22,7 @@ import time
 
 log = logging.getLogger(__name__)
 
-RECV_SIZE = 256 * 1024
+RECV_SIZE = 64 * 1024
 _local = threading.local()
 
 
@@ -110,6 +110,12 @@ class Connection:
     """A peer socket. Session fields (``role``, ``username``, ``link``) are owned by ``State``
     and change only under its lock."""
 
+    # Slots: a server may hold 10,000 idle connections, and every byte of each one counts.
+    __slots__ = ("sock", "fileno", "poller", "max_line", "max_outbox", "name", "last_heard",
+                 "role", "username", "secret", "logged_in", "link", "_lock", "_chunks", "_queued",
+                 "_flushing", "_rest", "_drain_waiter", "_close_when_drained", "closed",
+                 "close_reason", "__weakref__")
+
     def __init__(self, sock, poller, max_line, max_outbox, name=None):
         sock.setblocking(True)
         with contextlib.suppress(OSError):
@@ -137,8 +143,7 @@ class Connection:
         self._queued = 0  # bytes accepted by send() and not yet taken by the kernel
         self._flushing = False  # one flusher at a time, or the poller owns the remainder
         self._rest = b""  # bytes the kernel refused, waiting for writability
-        self._drained = threading.Event()
-        self._drained.set()
+        self._drain_waiter = None  # an Event, only while finish() waits for the outbox to drain
         self._close_when_drained = None  # a reason, once send_last() was called
         self.closed = False
         self.close_reason = None
@@ -188,7 +193,6 @@ class Connection:
                 return
             self._chunks.append(data)
             self._queued += len(data)
-            self._drained.clear()
             over = self._queued > self.max_outbox
         if over:
             log.warning("%s is too slow to read its messages (%d bytes queued); disconnecting",
@@ -237,7 +241,8 @@ class Connection:
                     continue
                 if not view:
                     self._flushing = False
-                    self._drained.set()
+                    if self._drain_waiter is not None:
+                        self._drain_waiter.set()
                     close_now = self._close_when_drained
                 elif self.closed:
                     return
@@ -263,9 +268,12 @@ class Connection:
 
         For replies that end a connection (failures, REDIRECT). Only the connection's own thread
         calls it, so waiting here stalls nobody else."""
+        drained = threading.Event()
+        with self._lock:
+            self._drain_waiter = drained
         self.send_last(data, reason)
         self.flush()
-        self._drained.wait(timeout)
+        drained.wait(timeout)
         self.close(reason)
 
     # --- closing ---------------------------------------------------------------------------
@@ -279,7 +287,8 @@ class Connection:
             self.close_reason = reason
             self._chunks.clear()
             self._rest = b""
-            self._drained.set()
+            if self._drain_waiter is not None:
+                self._drain_waiter.set()
         self.poller.forget(self)
         with contextlib.suppress(OSError):
             self.sock.shutdown(socket.SHUT_RDWR)

@@ -20,12 +20,31 @@ def encode(message):
     return (_dumps(message) + "\n").encode(ENCODING)
 
 
+MAX_DEPTH = 100
+_STRING = re.compile(rb'"(?:[^"\\]|\\.)*"')
+_NOT_BRACKET = re.compile(rb"[^\[\]{}]+")
+
+
+def nesting_depth(line):
+    """How deeply arrays and objects nest in a JSON text (brackets inside strings ignored)."""
+    brackets = _NOT_BRACKET.sub(b"", _STRING.sub(b"", line))
+    depth = deepest = 0
+    for byte in brackets:
+        depth += 1 if byte in b"[{" else -1
+        deepest = max(deepest, depth)
+    return deepest
+
+
 def decode(line):
     """Parse one line (bytes, without its terminator) into a message object.
 
     Raises ``InvalidMessage`` when the line is not a JSON object; the ``info`` says why in terms a
-    person typing into telnet can act on.
+    person typing into telnet can act on. Nesting is bounded before parsing: the C parser and
+    encoder recurse once per level, and a hostile line of a million brackets must not exhaust a
+    reader thread's stack.
     """
+    if line.count(b"[") + line.count(b"{") > MAX_DEPTH and nesting_depth(line) > MAX_DEPTH:
+        raise InvalidMessage(f"the message nests arrays or objects more than {MAX_DEPTH} levels deep")
     try:
         message = json.loads(line)
     except UnicodeDecodeError:

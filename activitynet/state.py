@@ -180,8 +180,10 @@ class State:
             return link
 
     def send_users(self, conn):
+        """SYNC_USER with every user (always, even none: it is AUTHENTICATE's success reply)."""
         with self.lock:
-            conn.send(encode(protocol.sync_user(dict(self.users))))
+            for line in sync_user_lines(self.users, always=True):
+                conn.send(line)
 
     def send_announce(self, conn):
         with self.lock:
@@ -251,8 +253,8 @@ class State:
                 outcome = self._learn_user(conn, username, secret)
                 if outcome == "added":
                     added[username] = secret
-            if added:
-                self._to_links(encode(protocol.sync_user(added)), exclude=conn)
+            for line in sync_user_lines(added):
+                self._to_links(line, exclude=conn)
 
     def new_user(self, conn, username, secret):
         with self.lock:
@@ -336,6 +338,19 @@ class State:
 
     def _announce_load(self):
         self._to_links(encode(self._announce_message()))
+
+
+SYNC_USER_CHUNK = 5000
+
+
+def sync_user_lines(users, always=False):
+    """SYNC_USER lines of at most SYNC_USER_CHUNK users each, so that 100,000 users never make
+    one line longer than a peer's line limit; merging is per user, so the split is invisible."""
+    items = list(users.items())
+    if not items:
+        return [encode(protocol.sync_user({}))] if always else []
+    return [encode(protocol.sync_user(dict(items[i:i + SYNC_USER_CHUNK])))
+            for i in range(0, len(items), SYNC_USER_CHUNK)]
 
 
 def redirect_target(load_with_new_client, neighbours):
