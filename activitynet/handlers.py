@@ -55,7 +55,7 @@ def handle_authenticate(server, conn, message):
     if message["secret"] != server.secret:
         raise AuthenticationFail(f"the supplied secret is incorrect: {message['secret']}")
     log.info("server %s authenticated", conn.name)
-    conn.max_line = server.settings.server_max_line
+    server.trust_as_server(conn)
     recovery.open_as_acceptor(server.state, conn)
 
 

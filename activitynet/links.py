@@ -54,8 +54,8 @@ class Dialer:
             log.info("connected to server %s (try %d)", self.peer_key, tries)
             tries = 0
             started = time.monotonic()
-            conn = Connection(sock, self.server.poller, self.server.settings.server_max_line,
-                              self.server.settings.max_outbox, name=self.peer_key)
+            conn = Connection(sock, self.server.poller, 0, 0, name=self.peer_key)
+            self.server.trust_as_server(conn)
             reason = self.server.run_connection(conn, opening=self._open)
             if reason == "authentication failed":
                 log.error("server %s refused our secret; not redialling it", self.peer_key)
@@ -97,4 +97,4 @@ class Heartbeat:
                         continue
                     conn.send(protocol.HEARTBEAT)
                     if not link.live and now - link.since >= recovery.LIVE_AFTER:
-                        state.go_live(conn)
+                        recovery.peer_quiet(state, conn)

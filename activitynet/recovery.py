@@ -42,10 +42,22 @@ def open_as_acceptor(state, conn):
 
 def peer_announced(state, conn, first):
     """A SERVER_ANNOUNCE arrived on ``conn``; ``first`` is True for the link's first one."""
-    if first and not conn.link.initiator:
-        state.send_retrieve(conn, retrieve_request)
-        state.send_announce(conn)
+    if first:
+        _acceptor_turn(state, conn)
     state.go_live(conn)
+
+
+def peer_quiet(state, conn):
+    """``LIVE_AFTER`` seconds passed and the peer neither asked for history nor announced
+    itself (another implementation, or a script speaking raw JSON): finish our half anyway."""
+    _acceptor_turn(state, conn)
+    state.go_live(conn)
+
+
+def _acceptor_turn(state, conn):
+    """The acceptor's ACTIVITY_RETRIEVE and SERVER_ANNOUNCE, once per link."""
+    if not conn.link.initiator and state.send_retrieve(conn, retrieve_request):
+        state.send_announce(conn)
 
 
 def answer_retrieve(state, conn, after, marks):

@@ -17,8 +17,8 @@ Options (the Project 1 flag in brackets):
   --bind=ADDRESS            address to listen on [default: 0.0.0.0]
   --history=N               activities kept for partition recovery [default: 100000]
   --max-line=BYTES          longest line accepted from a client [default: 1048576]
-  --max-outbox=BYTES        unsent bytes after which a peer is too slow and is disconnected
-                            [default: 67108864]
+  --max-outbox=BYTES        unsent bytes after which a client is too slow and is
+                            disconnected [default: 16777216]
   --log-level=LEVEL         debug, info, warning or error [default: info]
   -h --help                 show this text
 
@@ -49,7 +49,10 @@ ALIASES = {"-lp": "--local-port", "-lh": "--local-host", "-rh": "--remote-host",
 LOG_LEVELS = ("debug", "info", "warning", "error")
 LISTEN_BACKLOG = 4096
 THREAD_STACK = 256 * 1024  # thousands of reader threads; our call depth is shallow
-SERVER_MAX_LINE = 64 * 1024 * 1024  # authenticated servers are trusted with bigger lines
+# Authenticated servers are trusted with bigger lines and outboxes: a SYNC_USER or the answer to
+# an ACTIVITY_RETRIEVE (up to the whole history) is queued at once.
+SERVER_MAX_LINE = 64 * 1024 * 1024
+SERVER_MAX_OUTBOX = 1024 * 1024 * 1024
 
 
 @dataclasses.dataclass
@@ -63,8 +66,9 @@ class Settings:
     bind: str = "0.0.0.0"
     history: int = 100_000
     max_line: int = 1024 * 1024
-    max_outbox: int = 64 * 1024 * 1024
+    max_outbox: int = 16 * 1024 * 1024
     server_max_line: int = SERVER_MAX_LINE
+    server_max_outbox: int = SERVER_MAX_OUTBOX
     log_level: str = "info"
 
 
@@ -164,6 +168,11 @@ class Server:
             except handlers.Goodbye as bye:
                 return (encode(bye.message) if bye.message else b""), bye.reason
         return None
+
+    def trust_as_server(self, conn):
+        """Give an authenticated server link the larger limits servers are trusted with."""
+        conn.max_line = self.settings.server_max_line
+        conn.max_outbox = self.settings.server_max_outbox
 
     def shutdown(self):
         """Stop accepting, close every connection; ``serve_forever`` returns soon after."""

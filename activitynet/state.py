@@ -190,13 +190,15 @@ class State:
             conn.send(encode(self._announce_message()))
 
     def send_retrieve(self, conn, request_for):
-        """Send our ACTIVITY_RETRIEVE, built by ``request_for(state, link)`` under the lock."""
+        """Send our ACTIVITY_RETRIEVE, built by ``request_for(state, link)`` under the lock, once
+        per link; returns whether it was sent now."""
         with self.lock:
             link = self.links.get(conn)
             if link is None or link.asked:
-                return
+                return False
             link.asked = True
             conn.send(encode(request_for(self, link)))
+            return True
 
     def answer_retrieve(self, conn, select):
         """Answer a peer's ACTIVITY_RETRIEVE with ``select(history)`` and start forwarding live.
