@@ -149,9 +149,10 @@ class State:
             if username != ANONYMOUS and secret != conn.secret:
                 raise AuthenticationFail(f"the secret does not match the one of user {username}")
             activity["authenticated_user"] = username
-            activity_id = protocol.make_id(self.origin, next(self._seq))
+            seq = next(self._seq)
+            activity_id = protocol.make_id(self.origin, seq)
             line = encode(protocol.activity_broadcast(activity, activity_id))
-            self.high[self.origin] = int(activity_id.rsplit(":", 1)[1])
+            self.high[self.origin] = seq
             self._publish(activity_id, line, source=None)
 
     def drop(self, conn):
