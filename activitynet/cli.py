@@ -45,7 +45,11 @@ def parse(usage, argv, aliases):
     except DocoptExit as exc:
         detail = str(exc).strip().splitlines()
         first = detail[0] if detail else ""
-        if first.lower().startswith("usage:") or not first:
+        if first.startswith("Warning: found unmatched"):
+            # docopt lists the leftovers as reprs, e.g. [Option(None, '--bogus', 0, True)]
+            names = re.findall(r"'([^']*)'", first)
+            first = "unrecognised arguments: " + " ".join(names or argv)
+        elif first.lower().startswith("usage:") or not first:
             first = "unrecognised arguments: " + " ".join(argv)
         raise UsageError(first) from None
 

@@ -15,6 +15,7 @@ An outbox holding more than ``max_outbox`` unsent bytes belongs to a slow consum
 
 import contextlib
 import logging
+import os
 import select
 import socket
 import threading
@@ -55,6 +56,8 @@ class Poller:
         self._waiting = {}  # fd -> Connection waiting for writability
         self._registered = set()
         self._closed = False
+        self._wake_r, self._wake_w = os.pipe()  # written once by close() to end the poll at once
+        self._epoll.register(self._wake_r, select.EPOLLIN)
         self._thread = threading.Thread(target=self._run, name="poller", daemon=True)
         self._thread.start()
 
@@ -90,13 +93,16 @@ class Poller:
         with self._lock:
             self._closed = True
             self._waiting.clear()
+        os.write(self._wake_w, b"x")
         self._thread.join(timeout=2)
         self._epoll.close()
+        os.close(self._wake_r)
+        os.close(self._wake_w)
 
     def _run(self):
         while not self._closed:
             try:
-                events = self._epoll.poll(0.25)
+                events = self._epoll.poll()
             except OSError:
                 return
             for fd, _mask in events:
@@ -171,18 +177,20 @@ class Connection:
                 data = pending + data
             lines = data.split(b"\n")
             pending = lines.pop()
-            if len(pending) > self.max_line:
-                raise LineTooLong(len(pending))
             out = []
             for line in lines:
-                if len(line) > self.max_line:
-                    raise LineTooLong(len(line))
                 if line.endswith(b"\r"):
                     line = line[:-1]
+                if len(line) > self.max_line:
+                    break
                 if line and not line.isspace():
                     out.append(line)
+            else:
+                line = pending[:-1] if pending.endswith(b"\r") else pending
             if out:
-                yield out
+                yield out  # the lines before an over-long one are still answered
+            if len(line) > self.max_line:
+                raise LineTooLong(len(line))
 
     # --- writing ---------------------------------------------------------------------------
 

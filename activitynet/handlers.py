@@ -88,7 +88,11 @@ def handle_activity_retrieve(server, conn, message):
 
 def handle_bundle(server, conn, message):
     """The Java implementation's envelope: each message handled in order as if it had arrived
-    on this link on its own."""
+    on this link on its own. It sends its reconnect sequence as one BUNDLE, so a BUNDLE may open
+    a connection, provided it starts with AUTHENTICATE."""
+    first = message["messages"][0] if message["messages"] else {}
+    if conn.role == "new" and first.get("command") != "AUTHENTICATE":
+        raise InvalidMessage("a BUNDLE before AUTHENTICATE must start with AUTHENTICATE")
     for inner in message["messages"]:
         dispatch_message(server, conn, inner)
 
@@ -133,7 +137,7 @@ SERVER_HANDLERS = {
 }
 
 # A connection that has not said what it is yet may become a client or authenticate as a server.
-NEW_HANDLERS = {**CLIENT_HANDLERS, "AUTHENTICATE": handle_authenticate}
+NEW_HANDLERS = {**CLIENT_HANDLERS, "AUTHENTICATE": handle_authenticate, "BUNDLE": handle_bundle}
 
 HANDLERS_BY_ROLE = {"new": NEW_HANDLERS, "client": CLIENT_HANDLERS, "server": SERVER_HANDLERS}
 

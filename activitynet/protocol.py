@@ -13,11 +13,34 @@ HEARTBEAT = b"h\n"
 HEARTBEAT_LINE = b"h"
 
 _dumps = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
+_dumps_ascii = json.JSONEncoder(separators=(",", ":")).encode
 
 
 def encode(message):
     """Compact JSON plus the line terminator, as bytes ready for a socket."""
-    return (_dumps(message) + "\n").encode(ENCODING)
+    try:
+        return (_dumps(message) + "\n").encode(ENCODING)
+    except UnicodeEncodeError:  # a lone surrogate ("\\ud800" is valid JSON): keep it escaped
+        return (_dumps_ascii(message) + "\n").encode(ENCODING)
+
+
+class _NotJson(ValueError):
+    pass
+
+
+def _reject_constant(name):
+    raise _NotJson(f"{name} is not a JSON number")
+
+
+def _finite_float(text):
+    value = float(text)
+    if value - value != 0:  # inf: we could only send it on as Infinity, which is not JSON
+        raise _NotJson(f"the number {text[:20]} is out of range")
+    return value
+
+
+# NaN and Infinity are Python extensions to JSON; relaying them would put non-JSON on the wire.
+_decoder = json.JSONDecoder(parse_constant=_reject_constant, parse_float=_finite_float)
 
 
 MAX_DEPTH = 100
@@ -46,11 +69,17 @@ def decode(line):
     if line.count(b"[") + line.count(b"{") > MAX_DEPTH and nesting_depth(line) > MAX_DEPTH:
         raise InvalidMessage(f"the message nests arrays or objects more than {MAX_DEPTH} levels deep")
     try:
-        message = json.loads(line)
+        text = line.decode(ENCODING)  # strict: json.loads(bytes) would also take UTF-16 and surrogates
     except UnicodeDecodeError:
         raise InvalidMessage("the message is not valid UTF-8 text") from None
-    except ValueError as exc:
+    try:
+        message = _decoder.decode(text[1:] if text.startswith("\ufeff") else text)
+    except json.JSONDecodeError as exc:
         raise InvalidMessage(f"the message is not valid JSON: {exc.msg} at character {exc.pos}") from None
+    except _NotJson as exc:
+        raise InvalidMessage(f"the message is not valid JSON: {exc}") from None
+    except ValueError:  # an integer longer than sys.get_int_max_str_digits()
+        raise InvalidMessage("the message has a number too long to read") from None
     if not isinstance(message, dict):
         raise InvalidMessage(f"the message must be a JSON object, not {type_name(message)}")
     return message

@@ -6,6 +6,7 @@ schema, so code and ``schemas/`` cannot drift apart.
 """
 
 import json
+import logging
 import os
 import re
 import signal
@@ -255,3 +256,12 @@ class ServerProcess:
         code = self.proc.wait(timeout=TIMEOUT)
         assert "Traceback" not in self.log_text(), self.log_text()
         return code
+
+
+def server_errors(caplog, tracebacks_only=False):
+    """activitynet log records of level ERROR (or only those with a traceback) from every phase
+    of the current test, for an autouse fixture to check after ``yield``. (``caplog.records``
+    alone holds only the current phase, which after ``yield`` is the teardown.)"""
+    records = caplog.get_records("setup") + caplog.get_records("call") + caplog.records
+    return [r.getMessage() for r in records if r.name.startswith("activitynet")
+            and (r.exc_info if tracebacks_only else r.levelno >= logging.ERROR)]
