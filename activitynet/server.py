@@ -42,7 +42,7 @@ from .links import Dialer, Heartbeat
 from .protocol import ProtocolError, encode
 from .state import State
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("activitynet.server" if __name__ == "__main__" else __name__)
 
 ALIASES = {"-lp": "--local-port", "-lh": "--local-host", "-rh": "--remote-host",
            "-rp": "--remote-port", "-s": "--secret", "-a": "--activity-interval"}
