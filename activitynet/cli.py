@@ -69,3 +69,17 @@ def positive_int(text, option, minimum=1):
     if text is None or not re.fullmatch(r"\d+", text.strip()) or int(text) < minimum:
         raise UsageError(f"{option} must be a whole number of at least {minimum}, not {text!r}")
     return int(text)
+
+
+def settle(program, usage, parser, argv, stdout, stderr):
+    """Run ``parser(argv)`` for a command: returns ``(settings, None)``, or ``(None, exit code)``
+    after printing the help (0) or a usage error (2) the way both of our commands do."""
+    try:
+        settings = parser(argv)
+    except UsageError as exc:
+        print(f"{program}: {exc}\nTry 'python -m {program} --help'.", file=stderr)
+        return None, 2
+    if settings is None:
+        print(usage.split("\nDesign:")[0].strip(), file=stdout)
+        return None, 0
+    return settings, None

@@ -892,14 +892,9 @@ def describe(exc, client):
 def run(argv, stdin=sys.stdin, stdout=sys.stdout, stderr=sys.stderr):
     """The client command; returns the exit status."""
     out = Output(stdout, stderr)
-    try:
-        options = parse_options(argv)
-    except cli.UsageError as exc:
-        print(f"{PROGRAM}: {exc}\nTry 'python -m {PROGRAM} --help'.", file=stderr)
-        return 2
+    options, status = cli.settle(PROGRAM, __doc__, parse_options, argv, stdout, stderr)
     if options is None:
-        print(__doc__.split("\nDesign:")[0].strip(), file=stdout)
-        return 0
+        return status
     log.setLevel(options.log_level.upper())
     try:
         return Session(options, out).run(stdin)

@@ -250,14 +250,9 @@ def raise_open_files_limit():
 
 def run(argv, stdout=sys.stdout, stderr=sys.stderr):
     """The server command; returns the exit code."""
-    try:
-        settings = parse_settings(argv)
-    except cli.UsageError as exc:
-        print(f"activitynet.server: {exc}\nTry 'python -m activitynet.server --help'.", file=stderr)
-        return 2
+    settings, status = cli.settle("activitynet.server", __doc__, parse_settings, argv, stdout, stderr)
     if settings is None:
-        print(__doc__.split("\nDesign:")[0].strip(), file=stdout)
-        return 0
+        return status
     logging.basicConfig(
         level=settings.log_level.upper(), stream=stderr,
         format="%(asctime)s %(levelname)s [%(threadName)s] %(name)s: %(message)s")
