@@ -14,9 +14,11 @@ From the seed notes' memo, with our decisions from PROTOCOL.md section 4:
 Ask for what you lack, not for everything: ``after`` is the last id received from that peer
 before the link broke, and ``marks`` (our optional extension, ignored by other implementations)
 says, per origin server, the highest sequence number already held, so one of our peers sends
-exactly what is missing. A peer that never asks (another implementation, or a test speaking raw
-JSON) is caught up from the history position at link-up once it announces itself, or after
-``LIVE_AFTER`` seconds.
+exactly what is missing: our ids by the marks alone, since the peer at an address may be a
+restarted process whose history is in another order (see ``missing_entries``), and only the
+foreign ids by the position of ``after``. A peer that never asks (another implementation, or a
+test speaking raw JSON) is caught up from the history position at link-up once it announces
+itself, or, if it dialled us, after ``LIVE_AFTER`` seconds.
 """
 
 from . import protocol
@@ -49,7 +51,15 @@ def peer_announced(state, conn, first):
 
 def peer_quiet(state, conn):
     """``LIVE_AFTER`` seconds passed and the peer neither asked for history nor announced
-    itself (another implementation, or a script speaking raw JSON): finish our half anyway."""
+    itself (another implementation, or a script speaking raw JSON): finish our half anyway.
+
+    Only on a link the peer dialled. On a link we dialled the peer is a server that has to answer
+    our AUTHENTICATE and then asks or announces itself, and a slow one (busy, or a slow network)
+    is not absent: going live on the timer would send it the activities that arrived since the
+    link came up *before* the older ones its ACTIVITY_RETRIEVE asks for, and it would then drop
+    those older ones as already seen (de-duplication by per-origin sequence number)."""
+    if conn.link.initiator:
+        return
     _acceptor_turn(state, conn)
     state.go_live(conn)
 
@@ -71,15 +81,29 @@ def retrieve_request(state, link):
 
 
 def missing_entries(history, after, marks):
-    """History entries a peer lacks: those after ``after`` (all if unknown), less those that its
-    ``marks`` say it already holds."""
-    entries = history.after_id(after) if after else history.after_id(None)
+    """History entries a peer lacks, in history order.
+
+    A peer that sends no ``marks`` (another implementation, or one holding none of our ids) gets
+    the entries after ``after``, or all of them if that id is unknown. A peer that sends marks
+    gets each of our ids above its mark for that id's origin, wherever the id sits in our history,
+    and of the foreign ids only those after ``after``. The position of ``after`` is no proof of
+    what the peer holds: it is the last id the peer received from our *address*, and if we are a
+    restarted process (which may even have received that id from the peer's own answer a moment
+    ago) our history is in another order than what the peer was sent, so entries before it can
+    be ones the peer never saw. Marks are exact, and they keep what we send per origin gap-free,
+    which the peer's de-duplication by per-origin sequence number relies on."""
     if not marks:
-        return entries
+        return history.after_id(after or None)
+    later = history.after_id(after or None)
+    start = later[0][0] if later else history.last_no + 1  # foreign ids from here on are sent
     missing = []
-    for entry in entries:
-        parsed = protocol.parse_id(entry[1])
-        if parsed is not None and parsed[1] <= marks.get(parsed[0], 0):
-            continue
-        missing.append(entry)
+    for entry in history.after_id(None):
+        activity_id = entry[1]
+        origin, _, seq = activity_id.rpartition(":")
+        mark = marks.get(origin)
+        if mark is not None:  # one of ours, from an origin the peer holds some of
+            if not (seq.isdigit() and int(seq) <= mark):
+                missing.append(entry)
+        elif entry[0] >= start or protocol.parse_id(activity_id) is not None:
+            missing.append(entry)
     return missing

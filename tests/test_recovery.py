@@ -1,0 +1,676 @@
+"""Late joins, crashes, partitions and frozen peers, with real server processes (issue 3).
+
+Links are cut and healed for real through ``netcut.Relay``: the server that dials joins *through*
+the relay, so after a heal its own dialler finds the way back and the recovery routine runs on
+the new link. Processes are killed with SIGKILL and frozen with SIGSTOP. Every check waits on a
+condition; after the wait, what each client received is checked exactly: every activity once,
+in each sender's order, nothing else.
+
+The last part unit-tests the pure pieces of recovery and the merge rules on a ``State`` with fake
+connections.
+"""
+
+import json
+import random
+import threading
+import time
+
+import pytest
+
+from activitynet import protocol, recovery
+from activitynet.state import History, Link, State
+from harness import LineClient, wait_until
+from netcut import Relay
+from recorder import log_in_here, sequences, try_login, try_register
+
+LONG = 60.0  # generous: recovery on a slow, busy 2-core machine
+SILENCE_DETECTED = 8.0  # heartbeat silence (3 s) + one heartbeat period + scheduling slack
+
+
+@pytest.fixture
+def make_relay():
+    relays = []
+
+    def make(target_port):
+        relay = Relay(target_port)
+        relays.append(relay)
+        return relay
+
+    yield make
+    for relay in relays:
+        relay.close()
+
+
+@pytest.fixture
+def recorders():
+    """Recorders to close after the test: ``recorders.append(r)``."""
+    opened = []
+    yield opened
+    for recorder in opened:
+        recorder.close()
+
+
+def join(recorders, port, name, **kwargs):
+    recorder = log_in_here(port, name, **kwargs)
+    recorders.append(recorder)
+    return recorder
+
+
+def send_numbered(recorder, seqs, sender=None):
+    for seq in seqs:
+        assert recorder.send_activity({"sender": sender or recorder.name, "seq": seq}), \
+            f"{recorder.name} lost its connection"
+
+
+def has_all(expected):
+    """Predicate: a recorder received every (sender, seq) of ``expected`` {sender: [seq, ...]}."""
+    def check(recorder):
+        got = sequences(recorder.bodies())
+        return all(set(seqs) <= set(got.get(sender, ())) for sender, seqs in expected.items())
+    return check
+
+
+def assert_exactly(recorder, expected):
+    """``recorder`` received exactly ``expected`` {sender: [seq, ...]}: every activity once, in
+    each sender's order, nothing else numbered, and no id twice."""
+    assert not recorder.errors, recorder.errors
+    ids = [m["id"] for m in recorder.broadcasts()]
+    assert len(ids) == len(set(ids)), f"{recorder.name} received an activity id twice"
+    got = sequences(recorder.bodies())
+    assert got == expected, f"{recorder.name} received {got}, expected {expected}"
+
+
+def link_works(recorders, senders_and_receivers, tag):
+    """Each sender sends one activity tagged ``tag``; wait until all receivers have all of them."""
+    for sender in senders_and_receivers:
+        assert sender.send_activity({"sender": sender.name, "probe": tag})
+    for receiver in senders_and_receivers:
+        receiver.wait(lambda r: {b.get("sender") for b in r.bodies() if b.get("probe") == tag}
+                      >= {s.name for s in senders_and_receivers}, LONG, f"probes {tag}")
+
+
+def wait_log(process, pattern, since=0, timeout=LONG):
+    return wait_until(lambda: process.find_log(pattern, since=since), timeout,
+                      message=f"{pattern!r} in the log of server {process.port}")
+
+
+def log_mark(process):
+    """Where the log of ``process`` ends now, for ``find_log(..., since=)``."""
+    return len(process.log)
+
+
+# --- late join ----------------------------------------------------------------------------------
+
+def test_late_join_learns_every_user(make_process, recorders):
+    a = make_process()
+    rng = random.Random(1000)
+    users = {f"user{i:04d}": f"{rng.getrandbits(64):016x}" for i in range(1000)}
+    registrar = LineClient(a.port)  # one connection may REGISTER many times before any LOGIN
+    registrar.send_raw(b"".join(json.dumps({"command": "REGISTER", "username": u, "secret": s}).encode()
+                                + b"\n" for u, s in users.items()))
+    for username in users:
+        registrar.expect("REGISTER_SUCCESS", info=f"register success for {username}")
+    registrar.close()
+
+    b = make_process(remote_port=a.port)  # joins after all 1,000 registrations
+    c = make_process(remote_port=b.port)  # and one more behind it, taught by b
+    for server in (b, c):
+        sample = rng.sample(sorted(users), 12)
+        first = sample[0]
+        wait_until(lambda: try_login(server.port, first, users[first]) == "LOGIN_SUCCESS", LONG,
+                   message=f"server {server.port} to learn the users")
+        for username in sample:
+            assert try_login(server.port, username, users[username]) == "LOGIN_SUCCESS", username
+        assert try_login(server.port, first, "not-the-secret") == "LOGIN_FAILED"
+        assert try_register(server.port, first, "another-secret") == "REGISTER_FAILED"
+
+    # A random one of them logs in on the newest server and is heard on the oldest.
+    someone = rng.choice(sorted(users))
+    on_c = join(recorders, c.port, "on-c", username=someone, secret=users[someone])
+    on_a = join(recorders, a.port, "on-a")
+    link_works(recorders, [on_a, on_c], "late-join")
+    assert [b["authenticated_user"] for b in on_a.bodies() if b["sender"] == "on-c"] == [someone]
+
+
+# --- crash and restart of a middle server -------------------------------------------------------
+
+def test_killed_middle_server_halves_keep_serving_and_restart_reattaches(make_process, recorders):
+    a = make_process()
+    b = make_process(remote_port=a.port)
+    c = make_process(remote_port=b.port)
+    ca = join(recorders, a.port, "ca")
+    cc = join(recorders, c.port, "cc")
+    link_works(recorders, [ca, cc], "before")
+
+    b.kill()
+    # Both halves keep serving their own clients: register, log in, send, receive.
+    side_users = {}
+    for name, server, neighbour in (("ua", a, ca), ("uc", c, cc)):
+        assert try_register(server.port, name, f"pw-{name}") == "REGISTER_SUCCESS"
+        user = join(recorders, server.port, name, username=name, secret=f"pw-{name}")
+        send_numbered(user, range(1, 6))
+        for receiver in (user, neighbour):
+            receiver.wait(has_all({name: [1, 2, 3, 4, 5]}), LONG, f"{name}'s activities on its own side")
+        side_users[name] = user
+    assert sequences(ca.bodies()).get("uc") is None  # the far side is out of reach
+    assert sequences(cc.bodies()).get("ua") is None
+
+    mark_a, mark_c = log_mark(a), log_mark(c)
+    b.start()  # same port: its neighbours re-attach it
+    wait_log(b, rf"connected to server 127\.0\.0\.1:{a.port}")  # b dials a
+    wait_log(c, rf"connected to server 127\.0\.0\.1:{b.port}", since=mark_c)  # c redials b
+    wait_log(a, rf"is 127\.0\.0\.1:{b.port}", since=mark_a)  # a heard b announce itself
+
+    # b was refilled: users from both halves, and the activities each half missed flow on.
+    for name in ("ua", "uc"):
+        wait_until(lambda: try_login(b.port, name, f"pw-{name}") == "LOGIN_SUCCESS", LONG,
+                   message=f"restarted server to learn {name}")
+    ca.wait(has_all({"uc": [1, 2, 3, 4, 5]}), LONG, "the other half's activities")
+    cc.wait(has_all({"ua": [1, 2, 3, 4, 5]}), LONG, "the other half's activities")
+    # and end to end again
+    send_numbered(ca, [1])
+    send_numbered(cc, [1])
+    for receiver in (ca, cc, *side_users.values()):
+        receiver.wait(has_all({"ca": [1], "cc": [1]}), LONG, "end-to-end activities after the restart")
+    expected = {"ua": [1, 2, 3, 4, 5], "uc": [1, 2, 3, 4, 5], "ca": [1], "cc": [1]}
+    for recorder in (ca, cc, *side_users.values()):
+        assert_exactly(recorder, expected)
+
+
+# --- partitions ---------------------------------------------------------------------------------
+
+def test_partition_heals_with_every_activity_once_in_order(make_process, make_relay, recorders):
+    """a1 <- a2 <-relay- b1 <- b2: the relay is the cable between the two halves."""
+    a1 = make_process()
+    a2 = make_process(remote_port=a1.port)
+    relay = make_relay(a2.port)
+    b1 = make_process(remote_port=relay.port)
+    b2 = make_process(remote_port=b1.port)
+    clients = [join(recorders, server.port, name) for name, server in
+               (("a1", a1), ("a2", a2), ("b1", b1), ("b2", b2))]
+    side_a, side_b = clients[:2], clients[2:]
+    for client in clients:
+        send_numbered(client, [0])
+    for client in clients:
+        client.wait(has_all({c.name: [0] for c in clients}), LONG, "activities before the cut")
+
+    relay.cut()
+    during = list(range(1, 31))
+    senders = [threading.Thread(target=send_numbered, args=(c, during)) for c in clients]
+    for thread in senders:
+        thread.start()
+    assert try_register(a1.port, "only-a", "pw-a") == "REGISTER_SUCCESS"
+    assert try_register(b2.port, "only-b", "pw-b") == "REGISTER_SUCCESS"
+    for thread in senders:
+        thread.join()
+    for side in (side_a, side_b):  # each half serves on, within itself
+        for client in side:
+            client.wait(has_all({c.name: during for c in side}), LONG, "own side during the cut")
+    wait_until(lambda: try_login(a2.port, "only-a", "pw-a") == "LOGIN_SUCCESS", LONG, message="only-a on a2")
+    wait_until(lambda: try_login(b1.port, "only-b", "pw-b") == "LOGIN_SUCCESS", LONG, message="only-b on b1")
+    assert try_login(b1.port, "only-a", "pw-a") == "LOGIN_FAILED"  # really cut
+
+    relay.heal()
+    everything = {c.name: [0, *during] for c in clients}
+    for client in clients:
+        client.wait(has_all(everything), LONG, "the other side's activities after the heal")
+    for client in clients:
+        send_numbered(client, [31])
+    everything = {c.name: [0, *during, 31] for c in clients}
+    for client in clients:
+        client.wait(has_all(everything), LONG, "activities after the heal")
+    for client in clients:
+        assert_exactly(client, everything)
+    for server in (a1, a2, b1, b2):
+        for username, secret in (("only-a", "pw-a"), ("only-b", "pw-b")):
+            wait_until(lambda: try_login(server.port, username, secret) == "LOGIN_SUCCESS", LONG,
+                       message=f"{username} known on {server.port}")
+
+
+def test_conflicting_registration_across_partition_is_deleted_everywhere(make_process, make_relay, recorders):
+    """a <-relay- b <- c: "x" is registered with one secret on a and another on c while cut."""
+    a = make_process()
+    relay = make_relay(a.port)
+    b = make_process(remote_port=relay.port)
+    c = make_process(remote_port=b.port)
+    probe_a, probe_c = join(recorders, a.port, "probe-a"), join(recorders, c.port, "probe-c")
+    link_works(recorders, [probe_a, probe_c], "up")
+
+    relay.cut()
+    assert try_register(a.port, "x", "secret-on-a") == "REGISTER_SUCCESS"
+    assert try_register(c.port, "x", "secret-on-c") == "REGISTER_SUCCESS"
+    assert try_register(a.port, "y", "y-on-a") == "REGISTER_SUCCESS"
+    assert try_register(c.port, "z", "z-on-c") == "REGISTER_SUCCESS"
+    x_on_a = join(recorders, a.port, "x-on-a", username="x", secret="secret-on-a")
+    wait_until(lambda: try_login(b.port, "x", "secret-on-c") == "LOGIN_SUCCESS", LONG, message="x on b")
+    x_on_b = join(recorders, b.port, "x-on-b", username="x", secret="secret-on-c")
+    x_on_c = join(recorders, c.port, "x-on-c", username="x", secret="secret-on-c")
+
+    relay.heal()
+    for client in (x_on_a, x_on_b, x_on_c):
+        client.wait_closed(LONG)
+        last = client.received()[-1]
+        assert last["command"] == "AUTHENTICATION_FAIL", last
+    for server in (a, b, c):
+        for secret in ("secret-on-a", "secret-on-c"):
+            assert try_login(server.port, "x", secret) == "LOGIN_FAILED"
+        # the name stays blocked network-wide (state.py: tombstones)
+        assert try_register(server.port, "x", "a-third-secret") == "REGISTER_FAILED"
+        for username, secret in (("y", "y-on-a"), ("z", "z-on-c")):
+            wait_until(lambda: try_login(server.port, username, secret) == "LOGIN_SUCCESS", LONG,
+                       message=f"{username} known on {server.port}")
+    assert probe_a.open and probe_c.open  # only the clients of the deleted name were disconnected
+
+
+def test_new_activities_racing_recovered_ones_keep_sender_order(make_process, make_relay, recorders):
+    """Both sides send a steady stream while the cable is cut and healed three times, so new
+    activities race with the recovered ones on every fresh link."""
+    a = make_process()
+    relay = make_relay(a.port)
+    b = make_process(remote_port=relay.port)
+    ra, rb = join(recorders, a.port, "ra"), join(recorders, b.port, "rb")
+    link_works(recorders, [ra, rb], "up")
+
+    stop = threading.Event()
+    sent = {"ra": 0, "rb": 0}
+
+    def stream(recorder):
+        while not stop.is_set():
+            assert recorder.send_activity({"sender": recorder.name, "seq": sent[recorder.name]})
+            sent[recorder.name] += 1
+            stop.wait(0.01)
+
+    threads = [threading.Thread(target=stream, args=(r,)) for r in (ra, rb)]
+    for thread in threads:
+        thread.start()
+    try:
+        for _ in range(3):
+            target = sent["rb"]
+            ra.wait(lambda r: max(sequences(r.bodies()).get("rb", [-1])) >= target, LONG,
+                    "the stream to flow end to end")
+            relay.cut()
+            stop.wait(0.7)  # a partition of a few hundred activities
+            before = relay.relayed
+            relay.heal()
+            wait_until(lambda: relay.relayed > before, LONG, message="b to redial through the relay")
+            stop.wait(0.3)  # keep streaming while the new link recovers
+    finally:
+        stop.set()
+        for thread in threads:
+            thread.join()
+    expected = {name: list(range(count)) for name, count in sent.items()}
+    for recorder in (ra, rb):
+        recorder.wait(has_all(expected), LONG, "both streams complete")
+    for recorder in (ra, rb):
+        got = sequences(recorder.bodies())
+        assert_exactly_streams(recorder, got, expected)
+
+
+def assert_exactly_streams(recorder, got, expected):
+    assert not recorder.errors, recorder.errors
+    ids = [m["id"] for m in recorder.broadcasts()]
+    assert len(ids) == len(set(ids)), f"{recorder.name} received an activity id twice"
+    for sender, seqs in expected.items():
+        mine = got.get(sender, [])
+        assert mine == seqs, (f"{recorder.name} received {sender}'s stream out of order, with gaps or "
+                              f"duplicates: first difference at {first_difference(mine, seqs)}")
+
+
+def first_difference(got, expected):
+    for index, (x, y) in enumerate(zip(got, expected)):
+        if x != y:
+            return f"position {index}: got {x}, expected {y}"
+    return f"lengths {len(got)} and {len(expected)}"
+
+
+def test_peer_slow_to_answer_on_a_new_link_loses_nothing(make_process, make_relay, recorders):
+    """Regression: a dialler whose peer took more than a second to send its ACTIVITY_RETRIEVE went
+    live on its own timer, sent the newest activities first, and its peer then dropped the older
+    ones of the partition as already seen (per-origin high-water marks)."""
+    a = make_process()
+    relay = make_relay(a.port)
+    b = make_process(remote_port=relay.port)
+    ra, rb = join(recorders, a.port, "ra"), join(recorders, b.port, "rb")
+    link_works(recorders, [ra, rb], "up")
+
+    relay.cut()
+    send_numbered(rb, range(1, 6))  # only b has these
+    rb.wait(has_all({"rb": [1, 2, 3, 4, 5]}), LONG, "own activities during the cut")
+    relay.stall(2.2)  # a's side of the new link (its SYNC_USER, ACTIVITY_RETRIEVE...) comes late
+    mark = log_mark(b)
+    relay.heal()
+    wait_log(b, rf"connected to server 127\.0\.0\.1:{relay.port}", since=mark)
+    for seq in range(6, 11):  # new activities while the link recovers
+        send_numbered(rb, [seq])
+        time.sleep(0.1)  # spread over the recovery, not hiding a race: creating one
+    expected = {"rb": list(range(1, 11))}
+    ra.wait(has_all(expected), 20, "every activity of the partition and after")
+    got = sequences(ra.bodies())
+    assert got["rb"] == list(range(1, 11))
+    relay.stall(0)
+
+
+def test_restarted_server_cut_off_at_first_sends_what_its_clients_sent(make_process, make_relay, recorders):
+    """Regression: a restarted server answered its neighbour's ACTIVITY_RETRIEVE from the position
+    of ``after`` in its new history. ``after`` was the last id that neighbour had from the old
+    process at that address; the new process had just received it back in the neighbour's own
+    answer, *after* the activities its clients sent while it was cut off, so those were skipped,
+    and the neighbour's de-duplication then dropped them for good."""
+    a = make_process()
+    relay = make_relay(a.port)
+    b = make_process(remote_port=relay.port)
+    ra, rb = join(recorders, a.port, "ra"), join(recorders, b.port, "rb")
+    link_works(recorders, [ra, rb], "up")  # a's last id from b's address: rb's probe
+
+    relay.cut()
+    b.kill()
+    b.start()  # a new process on the same address, cut off at first
+    rb2 = join(recorders, b.port, "rb2")
+    send_numbered(rb2, range(1, 6))
+    rb2.wait(has_all({"rb2": [1, 2, 3, 4, 5]}), LONG, "own activities while cut off")
+    relay.heal()
+    ra.wait(has_all({"rb2": [1, 2, 3, 4, 5]}), LONG, "what the restarted server's client sent")
+    send_numbered(rb2, [6])
+    send_numbered(ra, [1])
+    rb2.wait(has_all({"ra": [1]}), LONG, "the link to work both ways")
+    ra.wait(has_all({"rb2": [1, 2, 3, 4, 5, 6]}), LONG, "everything from the restarted server")
+    assert_exactly(ra, {"rb2": [1, 2, 3, 4, 5, 6], "ra": [1]})
+    assert_exactly(rb2, {"rb2": [1, 2, 3, 4, 5, 6], "ra": [1]})
+
+
+# --- dead links ---------------------------------------------------------------------------------
+
+def test_frozen_peer_is_detected_and_link_comes_back(make_process, recorders):
+    a = make_process()
+    b = make_process(remote_port=a.port)
+    ra, rb = join(recorders, a.port, "ra"), join(recorders, b.port, "rb")
+    link_works(recorders, [ra, rb], "up")
+    expected = {"ra": [], "rb": []}
+
+    for frozen, other, watcher in ((b, a, ra), (a, b, rb)):  # the dialler frozen, then the acceptor
+        mark = log_mark(other)
+        started = time.monotonic()
+        frozen.freeze()
+        try:
+            wait_log(other, r"silent", since=mark, timeout=SILENCE_DETECTED + 10)
+            took = time.monotonic() - started
+            assert took <= SILENCE_DETECTED, f"a frozen peer took {took:.1f} s to be detected"
+            seqs = [len(expected[watcher.name]) + i for i in range(3)]
+            send_numbered(watcher, seqs)  # the live side keeps serving
+            expected[watcher.name] += seqs
+            watcher.wait(has_all({watcher.name: seqs}), LONG, "own activities while the peer is frozen")
+        finally:
+            frozen.thaw()
+        for recorder in (ra, rb):
+            recorder.wait(has_all(expected), LONG, "activities sent while frozen, after the thaw")
+    link_works(recorders, [ra, rb], "after")
+    for recorder in (ra, rb):
+        assert_exactly(recorder, expected)
+
+
+def test_blackholed_link_is_detected_by_heartbeat_and_recovers(make_process, make_relay, recorders):
+    a = make_process()
+    relay = make_relay(a.port)
+    b = make_process(remote_port=relay.port)
+    ra, rb = join(recorders, a.port, "ra"), join(recorders, b.port, "rb")
+    link_works(recorders, [ra, rb], "up")
+
+    mark_a, mark_b = log_mark(a), log_mark(b)
+    relay.blackhole()  # TCP stays open, nothing gets through
+    send_numbered(ra, [1, 2, 3])
+    send_numbered(rb, [1, 2, 3])
+    wait_log(a, r"silent", since=mark_a, timeout=SILENCE_DETECTED + 10)
+    wait_log(b, r"silent", since=mark_b, timeout=SILENCE_DETECTED + 10)
+    relay.heal()
+    expected = {"ra": [1, 2, 3], "rb": [1, 2, 3]}
+    for recorder in (ra, rb):
+        recorder.wait(has_all(expected), LONG, "activities sent into the black hole")
+    send_numbered(ra, [4])
+    send_numbered(rb, [4])
+    expected = {"ra": [1, 2, 3, 4], "rb": [1, 2, 3, 4]}
+    for recorder in (ra, rb):
+        recorder.wait(has_all(expected), LONG, "activities after the heal")
+        assert_exactly(recorder, expected)
+
+
+# --- unit tests: the pure parts -----------------------------------------------------------------
+
+ORIGIN_A = "a" * 16
+ORIGIN_B = "b" * 16
+
+
+def own(origin, seq):
+    return protocol.make_id(origin, seq)
+
+
+def history_of(ids, size=100):
+    history = History(size)
+    for activity_id in ids:
+        history.add(activity_id, protocol.encode(protocol.activity_broadcast({}, activity_id)))
+    return history
+
+
+def ids_of(entries):
+    return [entry[1] for entry in entries]
+
+
+def test_missing_entries_after_an_id_or_everything():
+    ids = [own(ORIGIN_A, 1), own(ORIGIN_B, 1), "FOREIGN1", own(ORIGIN_A, 2), own(ORIGIN_B, 2)]
+    history = history_of(ids)
+    assert ids_of(recovery.missing_entries(history, "", None)) == ids
+    assert ids_of(recovery.missing_entries(history, "FOREIGN1", None)) == ids[3:]
+    assert ids_of(recovery.missing_entries(history, own(ORIGIN_B, 2), {})) == []
+    # an id the history does not hold (never, or no longer): the whole cache
+    assert ids_of(recovery.missing_entries(history, "unknown-id", None)) == ids
+
+
+def test_missing_entries_less_what_the_marks_say_is_held():
+    ids = [own(ORIGIN_A, 1), own(ORIGIN_B, 1), "FOREIGN1", own(ORIGIN_A, 2), own(ORIGIN_B, 2), own(ORIGIN_A, 3)]
+    history = history_of(ids)
+    marks = {ORIGIN_A: 2}
+    # foreign ids cannot be judged by marks and are always sent (the receiver de-duplicates them)
+    assert ids_of(recovery.missing_entries(history, "", marks)) == \
+        [own(ORIGIN_B, 1), "FOREIGN1", own(ORIGIN_B, 2), own(ORIGIN_A, 3)]
+    assert ids_of(recovery.missing_entries(history, "FOREIGN1", {ORIGIN_A: 3, ORIGIN_B: 1})) == [own(ORIGIN_B, 2)]
+
+
+def test_missing_entries_trust_marks_not_the_position_of_after_for_our_ids():
+    """A restarted peer's history is in another order than what the asker was sent: the asker's
+    ``after`` id (from the old process) can sit after entries the asker never saw. Our ids are
+    judged by the marks alone; only foreign ids by position."""
+    new = "c" * 16
+    ids = [own(new, 1), own(new, 2), "FOREIGN-EARLY", own(ORIGIN_A, 7), "FOREIGN-LATE", own(new, 3)]
+    history = history_of(ids)
+    # the asker's last id from this address is A:7, received from the old process
+    assert ids_of(recovery.missing_entries(history, own(ORIGIN_A, 7), {ORIGIN_A: 7})) == \
+        [own(new, 1), own(new, 2), "FOREIGN-LATE", own(new, 3)]
+    # without marks (another implementation asking), the position is all there is
+    assert ids_of(recovery.missing_entries(history, own(ORIGIN_A, 7), None)) == ["FOREIGN-LATE", own(new, 3)]
+
+
+def test_missing_entries_after_eviction_sends_the_whole_cache():
+    history = history_of([own(ORIGIN_A, n) for n in range(1, 11)], size=4)
+    assert ids_of(recovery.missing_entries(history, own(ORIGIN_A, 2), None)) == \
+        [own(ORIGIN_A, n) for n in range(7, 11)]
+    assert ids_of(recovery.missing_entries(history, own(ORIGIN_A, 8), None)) == \
+        [own(ORIGIN_A, 9), own(ORIGIN_A, 10)]
+
+
+class FakeConn:
+    """What ``State`` needs of a connection: session fields and an outbox we can read."""
+
+    def __init__(self, name, role="new"):
+        self.name = name
+        self.role = role
+        self.username = None
+        self.secret = None
+        self.logged_in = False
+        self.link = None
+        self.lines = []
+        self.closed_with = None
+
+    def __repr__(self):
+        return f"<FakeConn {self.name}>"
+
+    def send(self, data):
+        if self.closed_with is None:
+            self.lines.append(json.loads(data))
+
+    def send_last(self, data, reason):
+        self.send(data)
+        self.closed_with = reason
+
+    def take(self, command=None):
+        lines, self.lines = self.lines, []
+        return [m for m in lines if command is None or m["command"] == command]
+
+
+def linked_state(*peers):
+    """A State with live server links to fake peers (acceptor side, announced)."""
+    state = State("127.0.0.1", 4000, history_size=100, origin=ORIGIN_A)
+    conns = []
+    for index, name in enumerate(peers):
+        conn = FakeConn(name)
+        state.link_up(conn, initiator=False)
+        state.announced(conn, 100, "127.0.0.1", 5000 + index)  # busy: no redirects
+        state.go_live(conn)
+        conn.take()
+        conns.append(conn)
+    return state, conns
+
+
+def logged_in_client(state, username, secret):
+    client = FakeConn(f"client-{username}")
+    if username != "anonymous" and username not in state.users:
+        state.register_user(client, username, secret)
+    assert state.login(client, username, secret) is None
+    client.take()
+    return client
+
+
+def test_retrieve_request_asks_after_the_last_id_from_that_peer_with_marks():
+    state, (peer,) = linked_state("peer")
+    link = state.links[peer]
+    assert recovery.retrieve_request(state, link) == {"command": "ACTIVITY_RETRIEVE", "after": ""}
+    state.server_activity(peer, {"n": 1}, own(ORIGIN_B, 1))
+    state.server_activity(peer, {"n": 2}, own(ORIGIN_B, 2))
+    assert recovery.retrieve_request(state, link) == {
+        "command": "ACTIVITY_RETRIEVE", "after": own(ORIGIN_B, 2), "marks": {ORIGIN_B: 2}}
+    # keyed by the peer's address, so it survives the link: a new link to it asks the same
+    again = Link(True, link.peer_key, 0)
+    assert recovery.retrieve_request(state, again)["after"] == own(ORIGIN_B, 2)
+
+
+def test_activities_deduplicated_by_origin_sequence_and_by_foreign_id():
+    state, (left, right) = linked_state("left", "right")
+    watcher = logged_in_client(state, "anonymous", None)
+    assert state.server_activity(left, {"n": 1}, own(ORIGIN_B, 1))
+    assert state.server_activity(left, {"n": 2}, own(ORIGIN_B, 2))
+    assert not state.server_activity(right, {"n": 2}, own(ORIGIN_B, 2))  # the same, other path
+    assert not state.server_activity(right, {"n": 1}, own(ORIGIN_B, 1))  # older than held
+    assert state.server_activity(left, {"n": "f"}, "FOREIGN-1")
+    assert not state.server_activity(right, {"n": "f"}, "FOREIGN-1")
+    assert [m["id"] for m in watcher.take()] == [own(ORIGIN_B, 1), own(ORIGIN_B, 2), "FOREIGN-1"]
+    # forwarded once, never back where it came from
+    assert [m["id"] for m in right.take("ACTIVITY_BROADCAST")] == \
+        [own(ORIGIN_B, 1), own(ORIGIN_B, 2), "FOREIGN-1"]
+    assert left.take("ACTIVITY_BROADCAST") == []
+    # our own activities coming back are dropped too
+    state.client_activity(watcher, "anonymous", None, {"mine": True})
+    mine = watcher.take()[0]["id"]
+    assert not state.server_activity(left, {"mine": True}, mine)
+
+
+def test_answer_retrieve_sends_what_is_missing_then_goes_live_in_order():
+    state, (old,) = linked_state("old")
+    for seq in range(1, 4):
+        state.server_activity(old, {"seq": seq}, own(ORIGIN_B, seq))
+    fresh = FakeConn("fresh")
+    state.link_up(fresh, initiator=False)
+    state.server_activity(old, {"seq": 4}, own(ORIGIN_B, 4))  # arrives before the peer asks
+    assert fresh.take("ACTIVITY_BROADCAST") == []  # not live yet: nothing may overtake the answer
+    recovery.answer_retrieve(state, fresh, "", {ORIGIN_B: 1})
+    state.server_activity(old, {"seq": 5}, own(ORIGIN_B, 5))
+    assert [m["id"] for m in fresh.take("ACTIVITY_BROADCAST")] == [own(ORIGIN_B, n) for n in (2, 3, 4, 5)]
+
+
+def test_dialled_link_waits_for_the_peer_before_going_live():
+    """The regression of test_peer_slow_to_answer_on_a_new_link_loses_nothing, in one State: a
+    link we dialled must not go live on the quiet-peer timer, only once the peer asks (or
+    announces itself), or new activities would reach it before the older ones it asks for."""
+    state, (old,) = linked_state("old")
+    for seq in range(1, 4):
+        state.server_activity(old, {"seq": seq}, own(ORIGIN_B, seq))
+    dialled = FakeConn("dialled")
+    recovery.open_as_initiator(state, dialled, "secret", "127.0.0.1:6000")
+    dialled.take()
+    state.server_activity(old, {"seq": 4}, own(ORIGIN_B, 4))
+    recovery.peer_quiet(state, dialled)  # the heartbeat's timer: the peer is slow, not absent
+    assert dialled.take("ACTIVITY_BROADCAST") == []
+    recovery.answer_retrieve(state, dialled, "", {})
+    assert [m["id"] for m in dialled.take("ACTIVITY_BROADCAST")] == [own(ORIGIN_B, n) for n in (1, 2, 3, 4)]
+
+
+def test_sync_user_adds_unknown_users_and_forwards_only_them():
+    state, (left, right) = linked_state("left", "right")
+    state.users["known"] = "k"
+    state.merge_users(left, {"known": "k", "new1": "s1", "new2": "s2"})
+    assert state.users == {"known": "k", "new1": "s1", "new2": "s2"}
+    assert right.take() == [{"command": "SYNC_USER", "users": {"new1": "s1", "new2": "s2"}}]
+    assert left.take() == []  # not back to the sender
+    state.merge_users(left, {"known": "k"})  # nothing new: the flood ends
+    assert right.take() == [] and left.take() == []
+
+
+def test_sync_user_conflict_deletes_the_user_disconnects_its_clients_and_tells_everyone():
+    state, (left, right) = linked_state("left", "right")
+    state.users["x"] = "mine"
+    x_client = logged_in_client(state, "x", "mine")
+    other = logged_in_client(state, "anonymous", None)
+    state.merge_users(left, {"x": "theirs", "y": "sy"})
+    assert "x" not in state.users and "x" in state.tombstones
+    assert state.users["y"] == "sy"
+    assert x_client.closed_with is not None
+    assert x_client.take()[-1]["command"] == "AUTHENTICATION_FAIL"
+    assert other.closed_with is None
+    for conn in (left, right):  # the whole network learns it, the sender included
+        assert {"command": "USER_CONFLICT", "username": "x"} in conn.take()
+
+
+def test_new_user_rules():
+    state, (left, right) = linked_state("left", "right")
+    state.new_user(left, "u", "s")
+    assert state.users["u"] == "s"
+    assert right.take() == [{"command": "NEW_USER", "username": "u", "secret": "s"}]
+    state.new_user(left, "u", "s")  # known with the same secret: nothing
+    assert right.take() == [] and left.take() == []
+    state.new_user(right, "u", "other")  # a conflict
+    assert "u" not in state.users and "u" in state.tombstones
+    assert left.take() == right.take() == [{"command": "USER_CONFLICT", "username": "u"}]
+    state.new_user(left, "u", "s")  # a stale NEW_USER for a deleted name: tell the sender only
+    assert left.take() == [{"command": "USER_CONFLICT", "username": "u"}]
+    assert right.take() == [] and "u" not in state.users
+    state.new_user(left, "anonymous", "s")
+    assert "anonymous" not in state.users
+
+
+def test_user_conflict_deletes_once_and_forwards_once():
+    state, (left, right) = linked_state("left", "right")
+    state.users["x"] = "s"
+    state.user_conflict(left, "x")
+    assert "x" not in state.users
+    assert right.take() == [{"command": "USER_CONFLICT", "username": "x"}] and left.take() == []
+    state.user_conflict(right, "x")  # heard again: the flood ends here
+    assert right.take() == [] and left.take() == []
+    state.user_conflict(left, "never-known")  # unknown names are blocked as well
+    assert "never-known" in state.tombstones
+
+
+def test_tombstoned_names_cannot_be_registered_again():
+    state, (peer,) = linked_state("peer")
+    state.user_conflict(peer, "x")
+    with pytest.raises(protocol.RegisterFailed):
+        state.register_user(FakeConn("client"), "x", "fresh")
+    state.merge_users(peer, {"x": "again"})
+    assert "x" not in state.users
+    assert peer.take() == [{"command": "USER_CONFLICT", "username": "x"}]
