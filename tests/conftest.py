@@ -2,7 +2,17 @@
 
 import pytest
 
-from harness import LocalServer, ServerProcess
+from harness import LocalServer, ServerProcess, server_errors
+
+
+@pytest.fixture(autouse=True)
+def no_server_crashes(caplog):
+    """Every test: no server thread may fail with a traceback, whatever a peer sent. (The
+    connection threads catch and log unexpected exceptions to keep serving others, so a crash
+    shows up as a logged traceback, not as an unhandled thread exception.)"""
+    yield
+    crashes = server_errors(caplog, tracebacks_only=True)
+    assert not crashes, "server tracebacks:\n" + "\n".join(crashes)
 
 
 @pytest.fixture
