@@ -1,7 +1,8 @@
 """Server links over time: dialling and redialling a remote server, and the heartbeat.
 
 A link we dialled (``-rh/-rp``) is redialled forever after it breaks, waiting 0.1 s, then twice as
-long each failed try, up to the activity interval (``-a``). A link the peer dialled is the peer's
+long each failed try, up to ``MAX_RETRY_WAIT`` (or the activity interval ``-a``, if shorter), so
+a repaired network is in use again within about a second. A link the peer dialled is the peer's
 to repair. Every authenticated link carries a heartbeat line ``h`` about every second; a link
 silent for ``SILENCE`` seconds is dead (a frozen peer, a cut cable) and is closed.
 """
@@ -19,6 +20,7 @@ log = logging.getLogger(__name__)
 HEARTBEAT_EVERY = 1.0
 SILENCE = 3.0
 FIRST_RETRY = 0.1
+MAX_RETRY_WAIT = 1.0  # a healed partition must be noticed within ~2 s; a try a second is cheap
 STABLE = 5.0  # a link that lived this long resets the backoff
 
 
@@ -45,9 +47,10 @@ class Dialer:
             try:
                 sock = socket.create_connection((self.host, self.port), timeout=5)
             except OSError as exc:
-                level = logging.WARNING if tries == 1 or wait >= self.max_wait else logging.INFO
-                log.log(level, "cannot reach server %s (%s); retrying in %.1f s",
-                        self.peer_key, exc.strerror or exc, wait)
+                # A long partition must not flood the log: the first failure, then about one a minute.
+                level = logging.WARNING if tries == 1 or tries % 60 == 0 else logging.DEBUG
+                log.log(level, "cannot reach server %s (%s, try %d); retrying in %.1f s",
+                        self.peer_key, exc.strerror or exc, tries, wait)
                 stopping.wait(wait)
                 wait = min(wait * 2, self.max_wait)
                 continue

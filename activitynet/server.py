@@ -12,8 +12,8 @@ Options (the Project 1 flag in brackets):
   --remote-host=HOST        [-rh] a server of the network to join (default: start alone)
   --remote-port=PORT        [-rp] its port [default: 3780]
   --secret=SECRET           [-s] the servers' shared secret (default: generate and print one)
-  --activity-interval=MS    [-a] activity interval in ms; the longest wait between redials of
-                            a broken link [default: 5000]
+  --activity-interval=MS    [-a] activity interval in ms; a broken link is redialled at least
+                            this often, and at least once a second [default: 5000]
   --bind=ADDRESS            address to listen on [default: 0.0.0.0]
   --history=N               activities kept for partition recovery [default: 100000]
   --max-line=BYTES          longest line accepted from a client [default: 1048576]
@@ -38,7 +38,7 @@ import threading
 
 from . import cli, handlers, protocol
 from .connection import Connection, LineTooLong, Poller, batch
-from .links import Dialer, Heartbeat
+from .links import MAX_RETRY_WAIT, Dialer, Heartbeat
 from .protocol import ProtocolError, encode
 from .state import State
 
@@ -100,8 +100,8 @@ class Server:
         self._conns = set()
         self._threads = [Heartbeat(self)]
         if settings.remote_host:
-            self._threads.append(Dialer(self, settings.remote_host, settings.remote_port,
-                                        max(settings.activity_interval, 100) / 1000))
+            max_wait = min(max(settings.activity_interval, 100) / 1000, MAX_RETRY_WAIT)
+            self._threads.append(Dialer(self, settings.remote_host, settings.remote_port, max_wait))
 
     @property
     def address(self):
