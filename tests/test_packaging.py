@@ -1,0 +1,55 @@
+"""The installed package stands alone: ``pip install .`` (what ``make test`` does) gives a server
+that runs from any directory, with the schemas shipped inside the package."""
+
+import json
+import os
+import re
+import subprocess
+import sys
+
+from harness import ROOT, LineClient, wait_until
+
+
+def installed_python(tmp_path, code):
+    """Run ``code`` with this interpreter from a directory outside the source tree, so only the
+    installed package can be imported."""
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    return subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=60)
+
+
+def test_the_installed_package_carries_every_schema(tmp_path):
+    result = installed_python(tmp_path, "import json, activitynet.schemas as s; "
+                                        "print(json.dumps([str(s.schema_dir()), sorted(s.COMMANDS)]))")
+    assert result.returncode == 0, result.stderr
+    where, commands = json.loads(result.stdout)
+    assert "site-packages" in where, f"not the installed copy: {where}"
+    shipped = sorted(p.stem for p in (ROOT / "schemas").glob("*.json") if p.stem != "definitions")
+    assert commands == shipped
+
+
+def test_the_installed_server_serves_from_another_directory(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    server = subprocess.Popen(
+        [sys.executable, "-m", "activitynet.server", "-lp", "0", "-lh", "127.0.0.1", "--bind", "127.0.0.1"],
+        cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        secret_line = server.stdout.readline()
+        assert secret_line.startswith("generated secret: "), secret_line
+        port = None
+        for line in server.stderr:
+            match = re.search(r"listening on \S+:(\d+)", line)
+            if match:
+                port = int(match.group(1))
+                break
+        assert port, "the server never said where it listens"
+        client = LineClient(port)
+        client.send({"command": "LOGIN", "username": "anonymous"})
+        client.expect("LOGIN_SUCCESS")
+        client.send({"command": "ACTIVITY_MESSAGE", "username": "anonymous", "activity": {"x": 1}})
+        assert client.expect("ACTIVITY_BROADCAST")["activity"] == {"x": 1, "authenticated_user": "anonymous"}
+        client.close()
+    finally:
+        server.terminate()
+        wait_until(lambda: server.poll() is not None, message="the server to exit")
+    assert server.returncode == 0
