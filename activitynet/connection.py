@@ -118,7 +118,7 @@ class Connection:
 
     # Slots: a server may hold 10,000 idle connections, and every byte of each one counts.
     __slots__ = ("sock", "fileno", "poller", "max_line", "max_outbox", "name", "last_heard",
-                 "role", "username", "secret", "logged_in", "link", "_lock", "_chunks", "_queued",
+                 "role", "username", "secret", "logged_in", "logged_in_at", "link", "_lock", "_chunks", "_queued",
                  "_flushing", "_rest", "_drain_waiter", "_close_when_drained", "closed",
                  "close_reason", "__weakref__")
 
@@ -142,6 +142,7 @@ class Connection:
         self.username = None
         self.secret = None
         self.logged_in = False
+        self.logged_in_at = 0.0  # wall-clock time of the login
         self.link = None
         # Outbox (guarded by self._lock).
         self._lock = threading.Lock()

@@ -132,26 +132,27 @@ class RegisterFailed(ProtocolError):
 
 
 # --- activity ids -------------------------------------------------------------------------------
-# Our ids are "<origin>:<seq>": origin is 16 random hex digits chosen when a server process starts,
-# seq counts that process's activities from 1. Foreign ids are opaque; ``parse_id`` returns None.
+# Our ids are "<origin>:<seq>:<sent>": origin is 16 random hex digits chosen when a server process
+# starts, seq counts that process's activities from 1, sent is the wall-clock time it accepted the
+# activity, in ms. Foreign ids are opaque; ``parse_id`` returns None for them.
 
-_OWN_ID = re.compile(r"([0-9a-f]{16}):([0-9]{1,18})")
+_OWN_ID = re.compile(r"([0-9a-f]{16}):([0-9]{1,18}):([0-9]{1,15})")
 
 
 def new_origin():
     return os.urandom(8).hex()
 
 
-def make_id(origin, seq):
-    return f"{origin}:{seq}"
+def make_id(origin, seq, sent_ms):
+    return f"{origin}:{seq}:{sent_ms}"
 
 
 def parse_id(activity_id):
-    """(origin, seq) for one of our ids, None for a foreign one."""
+    """(origin, seq, sent in ms) for one of our ids, None for a foreign one."""
     match = _OWN_ID.fullmatch(activity_id)
     if match is None:
         return None
-    return match.group(1), int(match.group(2))
+    return match.group(1), int(match.group(2)), int(match.group(3))
 
 
 # --- message builders ---------------------------------------------------------------------------

@@ -21,6 +21,10 @@ from . import protocol
 from .protocol import AuthenticationFail, InvalidMessage, LoginFailed, RegisterFailed, encode
 
 ANONYMOUS = "anonymous"
+# Servers' clocks may differ by about this much (seconds). An activity is delivered to the clients
+# that were logged in when it was sent, give or take this slack: a client logging in to a server
+# that is being refilled after a restart, a late join or a partition is not sent old history.
+CLOCK_SLACK = 5.0
 
 
 class Link:
@@ -81,8 +85,10 @@ class History:
 class State:
     """Users, clients, links and history of one server; see the module docstring."""
 
-    def __init__(self, hostname, port, history_size=100_000, origin=None):
+    def __init__(self, hostname, port, history_size=100_000, origin=None, clock_slack=CLOCK_SLACK):
         self.lock = threading.RLock()
+        self.clock_slack = clock_slack
+        self._newest_login = 0.0  # wall-clock time of the latest login (only ever grows)
         self.hostname = hostname
         self.port = port
         self.origin = origin or protocol.new_origin()
@@ -132,6 +138,8 @@ class State:
             if target is not None:
                 return target
             conn.logged_in = True
+            conn.logged_in_at = time.time()
+            self._newest_login = max(self._newest_login, conn.logged_in_at)
             conn.username = username
             conn.secret = secret
             self.clients[conn] = True
@@ -150,7 +158,7 @@ class State:
                 raise AuthenticationFail(f"the secret does not match the one of user {username}")
             activity["authenticated_user"] = username
             seq = next(self._seq)
-            activity_id = protocol.make_id(self.origin, seq)
+            activity_id = protocol.make_id(self.origin, seq, int(time.time() * 1000))
             line = encode(protocol.activity_broadcast(activity, activity_id))
             self.high[self.origin] = seq
             self._publish(activity_id, line, source=None)
@@ -240,10 +248,11 @@ class State:
             link = self.links.get(conn)
             if link is not None and link.peer_key is not None:
                 self.last_from[link.peer_key] = activity_id
-            if not self._first_sighting(activity_id):
+            parsed = protocol.parse_id(activity_id)
+            if not self._first_sighting(activity_id, parsed):
                 return False
             line = encode(protocol.activity_broadcast(activity, activity_id))
-            self._publish(activity_id, line, source=conn)
+            self._publish(activity_id, line, source=conn, sent=parsed[2] / 1000 if parsed else None)
             return True
 
     # --- users across servers --------------------------------------------------------------
@@ -304,10 +313,9 @@ class State:
         for client in [c for c in self.clients if c.username == username]:
             client.send_last(goodbye, f"user {username} deleted by a conflict")
 
-    def _first_sighting(self, activity_id):
-        parsed = protocol.parse_id(activity_id)
+    def _first_sighting(self, activity_id, parsed):
         if parsed is not None:
-            origin, seq = parsed
+            origin, seq, _sent = parsed
             if seq <= self.high.get(origin, 0):
                 return False
             self.high[origin] = seq
@@ -319,10 +327,17 @@ class State:
             self._foreign_seen.popitem(last=False)
         return True
 
-    def _publish(self, activity_id, line, source):
+    def _publish(self, activity_id, line, source, sent=None):
+        """Keep, deliver and forward an activity. ``sent`` (wall-clock seconds, known for our own
+        ids) lets an old one recovered from history skip clients that logged in after it."""
         self.history.add(activity_id, line)
-        for client in self.clients:
-            client.send(line)
+        if sent is None or sent >= self._newest_login - self.clock_slack:
+            for client in self.clients:
+                client.send(line)
+        else:
+            for client in self.clients:
+                if client.logged_in_at - self.clock_slack <= sent:
+                    client.send(line)
         for conn, link in self.links.items():
             if link.live and conn is not source:
                 conn.send(line)

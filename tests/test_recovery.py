@@ -439,8 +439,13 @@ ORIGIN_A = "a" * 16
 ORIGIN_B = "b" * 16
 
 
+# One send time, so the same (origin, seq) is the same id; a day ahead, so every client a test logs
+# in counts as connected when these were sent (see the test of recovered history below).
+SENT_MS = int((time.time() + 86400) * 1000)
+
+
 def own(origin, seq):
-    return protocol.make_id(origin, seq)
+    return protocol.make_id(origin, seq, SENT_MS)
 
 
 def history_of(ids, size=100):
@@ -505,6 +510,7 @@ class FakeConn:
         self.username = None
         self.secret = None
         self.logged_in = False
+        self.logged_in_at = 0.0
         self.link = None
         self.lines = []
         self.closed_with = None
@@ -609,6 +615,25 @@ def test_dialled_link_waits_for_the_peer_before_going_live():
     assert dialled.take("ACTIVITY_BROADCAST") == []
     recovery.answer_retrieve(state, dialled, "", {})
     assert [m["id"] for m in dialled.take("ACTIVITY_BROADCAST")] == [own(ORIGIN_B, n) for n in (1, 2, 3, 4)]
+
+
+def test_recovered_history_skips_clients_that_logged_in_after_it_was_sent():
+    """An activity sent at T reaches the clients connected at T: one recovered later (a restart,
+    a late join, a healed partition) goes to the clients that were already there, not to one who
+    logged in since (give or take ``state.CLOCK_SLACK`` of clock difference between servers)."""
+    state, (peer,) = linked_state("peer")
+    veteran = logged_in_client(state, "anonymous", None)
+    veteran.logged_in_at -= 3600  # logged in an hour ago
+    newcomer = logged_in_client(state, "anonymous", None)
+    an_hour_ago = int((time.time() - 1800) * 1000)
+    state.server_activity(peer, {"n": 1}, protocol.make_id(ORIGIN_B, 1, an_hour_ago))
+    assert [m["activity"]["n"] for m in veteran.take()] == [1]
+    assert newcomer.take() == []
+    state.server_activity(peer, {"n": 2}, own(ORIGIN_B, 2))  # sent just now: everyone
+    assert [m["activity"]["n"] for m in veteran.take()] == [2]
+    assert [m["activity"]["n"] for m in newcomer.take()] == [2]
+    state.server_activity(peer, {"n": 3}, "FOREIGN-ID")  # no send time known: everyone
+    assert newcomer.take("ACTIVITY_BROADCAST") and veteran.take("ACTIVITY_BROADCAST")
 
 
 def test_sync_user_adds_unknown_users_and_forwards_only_them():
