@@ -10,7 +10,7 @@ one place that turns those into the reply and the close.
 import logging
 
 from . import protocol, recovery, schemas
-from .protocol import AuthenticationFail, InvalidMessage, encode
+from .protocol import AuthenticationFail, InvalidMessage
 
 log = logging.getLogger(__name__)
 

@@ -1,5 +1,7 @@
 """Fixtures: factories for servers that are always stopped after the test."""
 
+import logging
+
 import pytest
 
 from harness import LocalServer, ServerProcess, server_errors
@@ -13,6 +15,15 @@ def no_server_crashes(caplog):
     yield
     crashes = server_errors(caplog, tracebacks_only=True)
     assert not crashes, "server tracebacks:\n" + "\n".join(crashes)
+
+
+@pytest.fixture
+def no_server_errors(caplog):
+    """Stricter, for tests of hostile input: the server may not even log an ERROR."""
+    caplog.set_level(logging.WARNING)
+    yield
+    errors = server_errors(caplog)
+    assert not errors, "server logged errors:\n" + "\n".join(errors)
 
 
 @pytest.fixture

@@ -8,24 +8,18 @@ logged-in bystander still gets its own activities back afterwards. Every message
 validated against its schema by ``LineClient``.
 """
 
-import logging
 import socket
 import threading
 
 import pytest
 
-from harness import LineClient, LocalServer, activity, login, register, server_errors, wait_until
+from harness import LineClient, LocalServer, activity, login, register, wait_until
 
 ALICE = ("alice", "alice-secret")
 
 
-@pytest.fixture(autouse=True)
-def no_internal_errors(caplog):
-    """A bad input must earn a protocol reply, never an unexpected exception in the server."""
-    caplog.set_level(logging.WARNING)
-    yield
-    errors = server_errors(caplog)
-    assert not errors, "server logged errors:\n" + "\n".join(errors)
+# A bad input must earn a protocol reply, never an error in the server's log.
+pytestmark = pytest.mark.usefixtures("no_server_errors")
 
 
 @pytest.fixture

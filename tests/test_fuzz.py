@@ -13,7 +13,6 @@ connection: after a failure reply, or because of the LOGOUT.
 """
 
 import json
-import logging
 import secrets
 
 import jsonschema
@@ -22,7 +21,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from activitynet import schemas
-from harness import LineClient, LocalServer, activity, login, register, server_errors
+from harness import LineClient, LocalServer, activity, login, register
 
 SERVER_SECRET = "fuzz-" + secrets.token_hex(16)  # never guessed by the fuzzer
 LOGOUT_LINE = b'{"command":"LOGOUT"}\n'
@@ -170,12 +169,7 @@ def live():
     server.stop()
 
 
-@pytest.fixture(autouse=True)
-def no_internal_errors(caplog):
-    caplog.set_level(logging.WARNING)
-    yield
-    errors = server_errors(caplog)
-    assert not errors, "server logged errors:\n" + "\n".join(errors)
+pytestmark = pytest.mark.usefixtures("no_server_errors")
 
 
 def check(live, data):
