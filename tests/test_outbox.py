@@ -1,0 +1,61 @@
+"""The write path: a reader that falls behind gets everything in order once it reads again (the
+poller finishes what the kernel refused), and one that falls too far behind (past --max-outbox)
+is disconnected without holding anyone else up."""
+
+import socket
+
+from harness import LineClient, activity, login, wait_until
+
+PAD = "p" * 200
+
+
+def sluggish_client(port):
+    """A logged-in client with a tiny receive buffer, so the server's sends back up quickly."""
+    client = LineClient.__new__(LineClient)
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.connect(("127.0.0.1", port))
+    client.sock, client.timeout, client._buffer, client.eof = sock, 20.0, b"", False
+    client.send({"command": "LOGIN", "username": "anonymous"})
+    client.expect("LOGIN_SUCCESS")
+    return client
+
+
+def stream(sender, count, chunk=500):
+    """``count`` activities numbered from 0, written ``chunk`` at a time; the sender reads its own
+    copies between chunks, so only the other readers can fall behind."""
+    for start in range(0, count, chunk):
+        sender.send_raw(b"".join(
+            b'{"command":"ACTIVITY_MESSAGE","username":"anonymous","activity":{"n":%d,"p":"%s"}}\n'
+            % (n, PAD.encode()) for n in range(start, min(start + chunk, count))))
+        for n in range(start, min(start + chunk, count)):
+            assert sender.expect("ACTIVITY_BROADCAST")["activity"]["n"] == n
+
+
+def test_a_reader_that_falls_behind_gets_everything_in_order(make_server):
+    server = make_server(max_outbox=64 * 1024 * 1024)
+    late = sluggish_client(server.port)
+    sender = login(server.port)
+    count = 30_000  # about 8 MB: more than the kernel's socket buffers hold (4 MB at most here)
+    stream(sender, count)
+    assert any(c.queued_bytes() > 0 for c in list(server.state.clients)), \
+        "the late reader's outbox never backed up: the test did not exercise the poller"
+    for n in range(count):  # only now does it read: nothing lost, nothing out of order
+        assert late.expect("ACTIVITY_BROADCAST")["activity"]["n"] == n
+
+
+def test_a_reader_too_slow_to_keep_up_is_disconnected_and_others_carry_on(make_server):
+    server = make_server(max_outbox=1024 * 1024)
+    stuck = sluggish_client(server.port)
+    sender = login(server.port)
+    stream(sender, 30_000)  # about 8 MB for a reader whose outbox may hold 1 MB beyond the kernel's
+    wait_until(lambda: server.state.load() == 1, message="the stuck reader to be dropped")
+    activity(sender, {"after": True})
+    assert sender.expect("ACTIVITY_BROADCAST")["activity"]["after"] is True
+    received = []
+    while True:  # what the stuck reader got before the cut is a prefix, then the server closed
+        message = stuck.recv()
+        if message is None:
+            break
+        received.append(message["activity"]["n"])
+    assert received == list(range(len(received))) and len(received) < 30_000
