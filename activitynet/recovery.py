@@ -17,8 +17,8 @@ says, per origin server, the highest sequence number already held, so one of our
 exactly what is missing: our ids by the marks alone, since the peer at an address may be a
 restarted process whose history is in another order (see ``missing_entries``), and only the
 foreign ids by the position of ``after``. A peer that never asks (another implementation, or a
-test speaking raw JSON) is caught up from the history position at link-up once it announces
-itself, or, if it dialled us, after ``LIVE_AFTER`` seconds.
+test speaking raw JSON) is caught up once it announces itself or after ``LIVE_AFTER`` seconds
+(see ``peer_quiet``).
 """
 
 from . import protocol
@@ -53,12 +53,14 @@ def peer_quiet(state, conn):
     """``LIVE_AFTER`` seconds passed and the peer neither asked for history nor announced
     itself (another implementation, or a script speaking raw JSON): finish our half anyway.
 
-    Only on a link the peer dialled. On a link we dialled the peer is a server that has to answer
-    our AUTHENTICATE and then asks or announces itself, and a slow one (busy, or a slow network)
-    is not absent: going live on the timer would send it the activities that arrived since the
-    link came up *before* the older ones its ACTIVITY_RETRIEVE asks for, and it would then drop
-    those older ones as already seen (de-duplication by per-origin sequence number)."""
+    On a link we dialled, the peer may just be slow (busy, or a slow network) and ask later.
+    Sending it only what arrived since the link came up would put those activities *before* the
+    older ones its ACTIVITY_RETRIEVE asks for, and it would drop the older ones as already seen
+    (de-duplication by per-origin sequence number). So it gets the whole history, in order: a
+    superset it de-duplicates, with nothing out of order. A peer that never asks (a test's fake
+    server, say) still gets every activity."""
     if conn.link.initiator:
+        state.go_live(conn, whole_history=True)
         return
     _acceptor_turn(state, conn)
     state.go_live(conn)

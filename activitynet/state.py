@@ -221,14 +221,15 @@ class State:
             if link is not None:
                 link.live = True
 
-    def go_live(self, conn):
+    def go_live(self, conn, whole_history=False):
         """Start forwarding to a peer that did not ask for history (yet): first everything that
-        arrived since the link came up, then live."""
+        arrived since the link came up (or the whole history), then live."""
         with self.lock:
             link = self.links.get(conn)
             if link is None or link.live:
                 return
-            for _number, _id, line in self.history.after_number(link.start_no):
+            since = 0 if whole_history else link.start_no
+            for _number, _id, line in self.history.after_number(since):
                 conn.send(line)
             link.live = True
 

@@ -617,6 +617,24 @@ def test_initiator_opens_with_authenticate_retrieve_sync_announce(make_server, l
         peer.close()
 
 
+def test_initiator_forwards_to_a_peer_that_never_answers(make_server, listener):
+    """A peer we dialled that only listens (a marking script's fake server) still receives every
+    activity, in order, once ``recovery.LIVE_AFTER`` has passed without it asking."""
+    remote = types.SimpleNamespace(port=listener.getsockname()[1])
+    server = make_server(remote=remote, secret=SECRET)
+    sock, _ = listener.accept()
+    peer = FakeServer(sock=sock).heartbeat()  # it only keeps the link alive
+    try:
+        client = login(server.port)
+        activity(client, {"n": 1})  # before the link is live: it comes from the history
+        first = peer.until("ACTIVITY_BROADCAST")[0]
+        activity(client, {"n": 2})
+        second = peer.until("ACTIVITY_BROADCAST")[0]
+        assert [first["activity"]["n"], second["activity"]["n"]] == [1, 2]
+    finally:
+        peer.close()
+
+
 def test_initiator_refused_by_its_peer_gives_up(make_server, listener, caplog):
     """AUTHENTICATION_FAIL from the server we dialled: we stop redialling (wrong secret)."""
     remote = types.SimpleNamespace(port=listener.getsockname()[1])
