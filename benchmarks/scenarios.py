@@ -7,6 +7,7 @@ runs it for the correctness checks only, its figures mean nothing).
 """
 
 import concurrent.futures
+import contextlib
 import dataclasses
 import random
 import secrets
@@ -297,33 +298,42 @@ def stream_seconds(tallies, started):
     return max(t.done_at for t in tallies) - started
 
 
+@contextlib.contextmanager
+def sender_on_a_receiver_on_b(ctx, cluster, total, **far_options):
+    """The chain scenarios' set-up: B joins A, a receiver logs in on B and a sender on A, both
+    handed to one lean Receiver and warmed up. Yields (sender, receiver, far tally, echo tally)
+    and always stops the receiver and closes the clients."""
+    a = cluster.start("A")
+    b = cluster.start("B", remote_port=a.port)
+    receiver = Receiver().start()
+    clients = []
+    try:
+        receiving = log_in(b.port)
+        sender = log_in(a.port)
+        clients += [receiving, sender]
+        far = hand_over(receiving, Tally("receiver on B", total, **far_options), receiver)
+        echo = hand_over(sender, Tally("sender (its own echo)", total), receiver)
+        warm_up(ctx, sender, receiver, [far, echo])
+        yield sender, receiver, far, echo
+    finally:
+        receiver.stop()
+        close_all(clients)
+
+
 # --- scenarios ----------------------------------------------------------------------------------
 
 @scenario("chain-throughput", "1 sender on A -> 1 receiver on B (B joined A), as fast as possible",
           full={"count": 300_000}, short={"count": 100_000}, smoke={"count": 2_000})
 def chain_throughput(ctx, count):
-    with ctx.cluster() as cluster:
-        a = cluster.start("A")
-        b = cluster.start("B", remote_port=a.port)
-        receiver = Receiver().start()
-        clients = []
-        try:
-            receiving = log_in(b.port)
-            sender = log_in(a.port)
-            clients += [receiving, sender]
-            total = count + 1
-            far = hand_over(receiving, Tally("receiver on B", total, sample_latency=True), receiver)
-            echo = hand_over(sender, Tally("sender (its own echo)", total), receiver)
-            warm_up(ctx, sender, receiver, [far, echo])
-            started = time.perf_counter()
-            with CpuClock(cluster) as cpu:
-                send_stream(sender, 1, total, [far, echo], window=CHAIN_WINDOW, progress=ctx.progress)
-                complete = wait_received(ctx, receiver, [far, echo])
-            ctx.details["cpu_seconds_while_streaming"] = cpu.result
-            ctx.memory(cluster)
-        finally:
-            receiver.stop()
-            close_all(clients)
+    total = count + 1
+    with ctx.cluster() as cluster, \
+            sender_on_a_receiver_on_b(ctx, cluster, total, sample_latency=True) as (sender, receiver, far, echo):
+        started = time.perf_counter()
+        with CpuClock(cluster) as cpu:
+            send_stream(sender, 1, total, [far, echo], window=CHAIN_WINDOW, progress=ctx.progress)
+            complete = wait_received(ctx, receiver, [far, echo])
+        ctx.details["cpu_seconds_while_streaming"] = cpu.result
+        ctx.memory(cluster)
     if complete:
         seconds = stream_seconds([far], started)
         ctx.row("throughput, sender to receiver on the other server", round(count / seconds),
@@ -336,26 +346,13 @@ def chain_throughput(ctx, count):
 @scenario("chain-latency", "1 sender on A -> 1 receiver on B at 1,000 activities/s",
           full={"count": 10_000}, short={"count": 3_000}, smoke={"count": 200})
 def chain_latency(ctx, count, rate=1000):
-    with ctx.cluster() as cluster:
-        a = cluster.start("A")
-        b = cluster.start("B", remote_port=a.port)
-        receiver = Receiver().start()
-        clients = []
-        try:
-            receiving = log_in(b.port)
-            sender = log_in(a.port)
-            clients += [receiving, sender]
-            total = count + 1
-            far = hand_over(receiving, Tally("receiver on B", total, latencies=True), receiver)
-            echo = hand_over(sender, Tally("sender (its own echo)", total), receiver)
-            warm_up(ctx, sender, receiver, [far, echo])
-            far.latencies.clear()
-            seconds = send_paced(sender, 1, total, rate, [far], ctx.progress)
-            complete = wait_received(ctx, receiver, [far, echo])
-            ctx.memory(cluster)
-        finally:
-            receiver.stop()
-            close_all(clients)
+    total = count + 1
+    with ctx.cluster() as cluster, \
+            sender_on_a_receiver_on_b(ctx, cluster, total, latencies=True) as (sender, receiver, far, echo):
+        far.latencies.clear()
+        seconds = send_paced(sender, 1, total, rate, [far], ctx.progress)
+        complete = wait_received(ctx, receiver, [far, echo])
+        ctx.memory(cluster)
     ctx.row("rate achieved by the sender", round(count / seconds), "activities/s")
     if complete:
         latency_rows(ctx, [far], target_median=1, target_p99=5)
