@@ -96,15 +96,15 @@ def missing_entries(history, after, marks):
     which the peer's de-duplication by per-origin sequence number relies on."""
     if not marks:
         return history.after_id(after or None)
-    later = history.after_id(after or None)
-    start = later[0][0] if later else history.last_no + 1  # foreign ids from here on are sent
+    after_no = history.number_of(after) if after else None
+    start = 0 if after_no is None else after_no + 1  # foreign ids from here on are sent
     missing = []
     for entry in history.after_id(None):
         activity_id = entry[1]
         origin, _, rest = activity_id.partition(":")  # cheaper than parse_id, for a whole history
         mark = marks.get(origin)
-        seq = rest.partition(":")[0]
         if mark is not None:  # one of ours, from an origin the peer holds some of
+            seq = rest.partition(":")[0]
             if not (seq.isdigit() and int(seq) <= mark):
                 missing.append(entry)
         elif entry[0] >= start or protocol.parse_id(activity_id) is not None:

@@ -73,6 +73,10 @@ class History:
         start = max(0, number - self._entries[0][0] + 1)
         return list(itertools.islice(self._entries, start, None))
 
+    def number_of(self, activity_id):
+        """The history position of ``activity_id``, or None if it is not (or no longer) cached."""
+        return self._index.get(activity_id)
+
     def after_id(self, activity_id):
         """Entries after ``activity_id``, or all of them if it is not (or no longer) cached."""
         number = self._index.get(activity_id)
