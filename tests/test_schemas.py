@@ -9,6 +9,8 @@ covers ``protocol.encode``/``decode``: one compact JSON object per line, UTF-8.
 import json
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from activitynet import handlers, protocol, schemas
 from activitynet.protocol import InvalidMessage, decode, encode
@@ -259,3 +261,59 @@ def test_decode_allows_nesting_up_to_the_bound_and_brackets_inside_strings():
     deep = b'{"a":' * 50 + b"1" + b"}" * 50
     assert decode(deep)["a"]["a"]["a"]
     assert decode(b'{"text": "' + b"[" * 1000 + b'"}') == {"text": "[" * 1000}
+
+
+# --- the fast codec and the reference agree -----------------------------------------------------
+# ``protocol`` decodes and encodes with msgspec and hands whatever msgspec refuses to the json
+# module, which holds the rules. Whichever of the two ran must make no difference.
+
+def _outcome(function, line):
+    try:
+        return "ok", function(line)
+    except InvalidMessage as exc:
+        return "invalid", exc.info
+
+
+@pytest.mark.parametrize("line", [
+    b'{"a": 9007199254740993}', b'{"a": 18446744073709551616}', b'{"a": -' + b"9" * 400 + b"}",
+    b'{"a": 1.00000000000000011102230246251565404236316680908203125}', b'{"a": 2.2250738585072011e-308}',
+    b'{"a": 1e400}', b'{"a": -0.0}', b'{"a": -0}', b'{"a": 1E2, "b": 0.1e1, "c": 1.5e-400}',
+    b'{"a": "\\ud800"}', b'{"a": "\\udc00x\\ud83d\\ude00"}', b'{"a": "\\u0000\\u00e9"}',
+    b'\xef\xbb\xbf{"a": 1}', b'{"a": 1, "a": 2}', b'{"a": "\x01"}', b'{"a": 1}\x0b', b'\xc2\xa0{"a": 1}',
+    b' {"a": []} ', b'{"a": 01}', b'{"a": 1.}', b'{"a": 1,}', b"{'a': 1}", b'{"a": NaN}',
+    b'{"a": "\xed\xa0\x80"}', b'{"a": "\xff"}', b"[1]", b"", b"  ", b"h",
+])
+def test_fast_decode_agrees_with_the_reference_on_edge_cases(line):
+    assert _outcome(decode, line) == _outcome(protocol.decode_reference, line)
+
+
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.integers(min_value=2 ** 60, max_value=2 ** 200)
+    | st.floats(allow_nan=False, allow_infinity=False) | st.text(),
+    lambda children: st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=5), children, max_size=4),
+    max_leaves=20)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.dictionaries(st.text(max_size=8), json_values, max_size=5), st.sampled_from([None, 1]),
+       st.booleans())
+def test_fast_codec_agrees_with_the_reference(message, indent, ascii_only):
+    """Any object, written compactly, indented or ASCII-escaped, decodes to the same value and
+    the same error either way; what ``encode`` writes decodes back to the message."""
+    line = json.dumps(message, indent=indent, ensure_ascii=ascii_only).replace("\n", " ").encode(
+        "utf-8", "surrogatepass")
+    assert _outcome(decode, line) == _outcome(protocol.decode_reference, line)
+    written = encode(message)
+    assert written.endswith(b"\n") and written.count(b"\n") == 1
+    written.decode("utf-8")  # valid UTF-8, even for lone surrogates
+    assert json.loads(written) == message == decode(written[:-1])
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.from_regex(rb"-?(0|[1-9][0-9]{0,30})(\.[0-9]{1,30})?([eE][-+]?[0-9]{1,3})?", fullmatch=True))
+def test_fast_decode_reads_every_number_as_the_reference_does(number):
+    line = b'{"n": ' + number + b"}"
+    fast, reference = _outcome(decode, line), _outcome(protocol.decode_reference, line)
+    assert fast == reference
+    if fast[0] == "ok":
+        assert type(fast[1]["n"]) is type(reference[1]["n"])
