@@ -1,5 +1,8 @@
 """One ``handle_<command>`` per inbound message, and the tables saying who may send what.
 
+Every handler gets the decoded ``message`` and the ``line`` it arrived as (None for a message
+inside a BUNDLE): a broadcast is relayed as the bytes received when nothing about it changes.
+
 A connection starts as ``new``; its first REGISTER or LOGIN makes it a ``client``, a correct
 AUTHENTICATE (or our own dialling) a ``server``. Each role has its own table, and a command
 outside the table of the connection's role is an INVALID_MESSAGE. Handlers raise
@@ -28,28 +31,28 @@ class Goodbye(Exception):
 
 # --- client commands ----------------------------------------------------------------------------
 
-def handle_register(server, conn, message):
+def handle_register(server, conn, message, line=None):
     server.state.register_user(conn, message["username"], message["secret"])
 
 
-def handle_login(server, conn, message):
+def handle_login(server, conn, message, line=None):
     target = server.state.login(conn, message["username"], message.get("secret"))
     if target is not None:
         hostname, port = target
         raise Goodbye(f"redirected to {hostname}:{port}", protocol.redirect(hostname, port))
 
 
-def handle_logout(server, conn, message):
+def handle_logout(server, conn, message, line=None):
     raise Goodbye("logged out")
 
 
-def handle_activity_message(server, conn, message):
+def handle_activity_message(server, conn, message, line=None):
     server.state.client_activity(conn, message["username"], message.get("secret"), message["activity"])
 
 
 # --- server commands ----------------------------------------------------------------------------
 
-def handle_authenticate(server, conn, message):
+def handle_authenticate(server, conn, message, line=None):
     if conn.role == "server":
         raise InvalidMessage("AUTHENTICATE on a link that is already authenticated")
     if message["secret"] != server.secret:
@@ -59,34 +62,35 @@ def handle_authenticate(server, conn, message):
     recovery.open_as_acceptor(server.state, conn)
 
 
-def handle_server_announce(server, conn, message):
+def handle_server_announce(server, conn, message, line=None):
     first = server.state.announced(conn, int(message["load"]), message["hostname"], int(message["port"]))
     if first:
         log.info("server link %s is %s:%s", conn.name, message["hostname"], message["port"])
     recovery.peer_announced(server.state, conn, first)
 
 
-def handle_activity_broadcast(server, conn, message):
-    server.state.server_activity(conn, message["activity"], message["id"])
+def handle_activity_broadcast(server, conn, message, line=None):
+    relayed = line if line is not None and protocol.relayable_broadcast(message, line) else None
+    server.state.server_activity(conn, message["activity"], message["id"], relayed)
 
 
-def handle_sync_user(server, conn, message):
+def handle_sync_user(server, conn, message, line=None):
     server.state.merge_users(conn, message["users"])
 
 
-def handle_new_user(server, conn, message):
+def handle_new_user(server, conn, message, line=None):
     server.state.new_user(conn, message["username"], message["secret"])
 
 
-def handle_user_conflict(server, conn, message):
+def handle_user_conflict(server, conn, message, line=None):
     server.state.user_conflict(conn, message["username"])
 
 
-def handle_activity_retrieve(server, conn, message):
+def handle_activity_retrieve(server, conn, message, line=None):
     recovery.answer_retrieve(server.state, conn, message["after"], message.get("marks"))
 
 
-def handle_bundle(server, conn, message):
+def handle_bundle(server, conn, message, line=None):
     """The Java implementation's envelope: each message handled in order as if it had arrived
     on this link on its own. It sends its reconnect sequence as one BUNDLE, so a BUNDLE may open
     a connection, provided it starts with AUTHENTICATE."""
@@ -99,13 +103,13 @@ def handle_bundle(server, conn, message):
 
 # --- failure replies received -------------------------------------------------------------------
 
-def handle_invalid_message(server, conn, message):
+def handle_invalid_message(server, conn, message, line=None):
     if conn.role == "server":
         log.error("server %s rejected our message: %s", conn.name, message["info"])
     raise Goodbye(f"peer sent INVALID_MESSAGE: {message['info']}")
 
 
-def handle_authentication_fail(server, conn, message):
+def handle_authentication_fail(server, conn, message, line=None):
     if conn.role == "server":
         log.error("server %s refused our secret: %s", conn.name, message["info"])
         raise Goodbye("authentication failed")
@@ -146,10 +150,11 @@ def dispatch_line(server, conn, line):
     """Handle one received line. Heartbeats are ignored where a server link may send them."""
     if line == protocol.HEARTBEAT_LINE and conn.role != "client":
         return
-    dispatch_message(server, conn, protocol.decode(line))
+    dispatch_message(server, conn, protocol.decode(line), line)
 
 
-def dispatch_message(server, conn, message):
+def dispatch_message(server, conn, message, line=None):
+    """Handle one decoded message; ``line`` is the bytes it came in (None inside a BUNDLE)."""
     command = message.get("command")
     if command is None:
         raise InvalidMessage("the message has no 'command' field")
@@ -159,7 +164,7 @@ def dispatch_message(server, conn, message):
     if handler is None:
         raise InvalidMessage(_refusal(conn.role, command))
     schemas.validate(message)
-    handler(server, conn, message)
+    handler(server, conn, message, line)
 
 
 def _refusal(role, command):

@@ -115,6 +115,21 @@ def decode_reference(line):
     return message
 
 
+_BOM = b"\xef\xbb\xbf"
+
+
+def relayable_broadcast(message, line):
+    """Whether a received ACTIVITY_BROADCAST (decoded ``message``, valid by its schema) may be
+    relayed as the bytes ``line`` it came in, instead of being encoded again.
+
+    Encoding is a third of a relaying server's work per activity. The received line is a valid
+    JSON object on one line (``decode`` accepted it), and whitespace between tokens is fine to
+    pass on, except a carriage return: Java's ``readLine`` ends a line there. A leading BOM is
+    dropped by ``decode`` and must not reach clients; fields other than command, activity and
+    id are dropped too, as an encoded broadcast would. Those few lines are encoded again."""
+    return len(message) == 3 and b"\r" not in line and not line.startswith(_BOM)
+
+
 def type_name(value):
     """The JSON name of a Python value's type, for error messages."""
     if value is None:

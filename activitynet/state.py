@@ -247,8 +247,11 @@ class State:
                 link.peer_key = f"{hostname}:{port}"
             return first
 
-    def server_activity(self, conn, activity, activity_id):
-        """An ACTIVITY_BROADCAST from a neighbour: de-duplicate, keep, deliver, forward."""
+    def server_activity(self, conn, activity, activity_id, received=None):
+        """An ACTIVITY_BROADCAST from a neighbour: de-duplicate, keep, deliver, forward.
+
+        ``received`` is the line as it arrived, when it may be relayed unchanged
+        (``protocol.relayable_broadcast``): then it is not encoded again."""
         with self.lock:
             link = self.links.get(conn)
             if link is not None and link.peer_key is not None:
@@ -256,7 +259,10 @@ class State:
             parsed = protocol.parse_id(activity_id)
             if not self._first_sighting(activity_id, parsed):
                 return False
-            line = encode(protocol.activity_broadcast(activity, activity_id))
+            if received is not None:
+                line = received + b"\n"
+            else:
+                line = encode(protocol.activity_broadcast(activity, activity_id))
             self._publish(activity_id, line, source=conn, sent=parsed[2] / 1000 if parsed else None)
             return True
 
