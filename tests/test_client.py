@@ -12,6 +12,7 @@ import os
 import re
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import threading
@@ -21,7 +22,7 @@ import pytest
 from activitynet import schemas
 from activitynet.client import (AuthenticationFailed, Client, ConnectionLost, InvalidMessage,
                                 LoginFailed, RegisterFailed, TooManyRedirects, error_for)
-from activitynet.client import terminal
+from activitynet.client import failover_order, terminal
 from activitynet.client.terminal import activity_from_line, format_activity
 from harness import ROOT, TIMEOUT, LineClient, activity, login, register, wait_links, wait_until
 
@@ -202,6 +203,14 @@ def can_login(port, username, secret):
         peer.close()
 
 
+def connection_ends(client):
+    """The server went away: recv() gives None (closed) or raises ConnectionLost (reset)."""
+    try:
+        return client.recv(TIMEOUT) is None
+    except ConnectionLost:
+        return True
+
+
 def neighbour_loads(server):
     """{port: load} as ``server`` last heard from each neighbour."""
     with server.state.lock:
@@ -279,6 +288,15 @@ def test_project1_flags_and_long_forms_parse_alike():
     assert defaults.reconnect and not defaults.json
 
 
+def test_servers_and_tls_options_parse():
+    options = terminal.parse_options(["-rh", "h1", "-rp", "1", "--servers", "h2:2, 10.0.0.3:3,[::1]:4"])
+    assert options.servers == [("h2", 2), ("10.0.0.3", 3), ("::1", 4)]
+    assert options.ssl_context is None
+    assert terminal.parse_options([]).servers == []
+    tls = terminal.parse_options(["--tls"]).ssl_context
+    assert tls.verify_mode == ssl.CERT_REQUIRED and tls.check_hostname
+
+
 @pytest.mark.parametrize("argv, complaint", [
     (["-rh", "127.0.0.1", "-rp", "nope"], "-rp/--remote-port must be a port number from 1 to 65535"),
     (["-rp", "70000"], "from 1 to 65535"),
@@ -288,6 +306,17 @@ def test_project1_flags_and_long_forms_parse_alike():
     (["-s", ""], "must not be empty"),
     (["--max-redirects", "-1"], "--max-redirects"),
     (["--log-level", "loud"], "--log-level"),
+    (["--servers", "nope"], "--servers must be HOST:PORT[,HOST:PORT...] with ports from 1 to 65535; "
+                            "'nope' is not"),
+    (["--servers", "a:1,b"], "'b' is not (in 'a:1,b')"),
+    (["--servers", "a:1,"], "'' is not (in 'a:1,')"),
+    (["--servers", ":3780"], "':3780' is not"),
+    (["--servers", "a:0"], "'a:0' is not"),
+    (["--servers", "a:65536"], "'a:65536' is not"),
+    (["--servers", "a:x1"], "'a:x1' is not"),
+    (["--servers"], "--servers requires argument"),
+    (["--tls-ca", "/nonexistent/ca.pem"], "--tls-ca '/nonexistent/ca.pem' cannot be used as CA "
+                                          "certificates (PEM): No such file or directory"),
 ])
 def test_bad_command_lines_exit_2(argv, complaint):
     stdout, stderr = io.StringIO(), io.StringIO()
@@ -487,6 +516,72 @@ def test_library_raises_scripted_failures(fake_server):
     fake.check()
 
 
+def test_failover_order():
+    a, b, c, elsewhere = ("a", 1), ("b", 2), ("c", 3), ("redirected", 4)
+    assert failover_order([a, b, c], a) == [b, c, a]
+    assert failover_order([a, b, c], b) == [c, a, b]
+    assert failover_order([a, b, c], c) == [a, b, c]
+    assert failover_order([a], a) == [a]
+    assert failover_order([a, b], elsewhere) == [elsewhere, a, b]
+
+
+def test_library_reconnect_backs_off_and_walks_the_list_until_stopped():
+    """Nobody answers: reconnect() waits 0.2 s, then twice as long each time up to 5 s, trying
+    the servers after the lost one in turn, and returns False once ``stop`` is set."""
+    dead = [(HOST, _free_port()) for _ in range(3)]
+    client = Client(*dead[0], servers=dead[1:])
+    waits, tried = [], []
+
+    class Stop:
+        def wait(self, seconds):  # stands in for threading.Event: records instead of sleeping
+            if waits:
+                tried.append((client.host, client.port))
+            waits.append(seconds)
+            return len(waits) > 8
+
+    assert client.reconnect(Stop()) is False
+    assert waits == [0.2, 0.4, 0.8, 1.6, 3.2, 5.0, 5.0, 5.0, 5.0]
+    assert tried == [dead[1], dead[2], dead[0]] * 2 + [dead[1], dead[2]]
+    assert not client.logged_in and client.sock is None
+
+
+def test_library_skips_a_server_that_does_not_answer_at_start_up(make_server):
+    server = make_server()
+    dead = _free_port()
+    with Client(HOST, dead, "carol", servers=[(HOST, server.port)]) as client:
+        client.connect()
+        assert client.logged_in and (client.host, client.port) == (HOST, server.port)
+        assert server.state.users["carol"] == client.secret
+    with pytest.raises(ConnectionRefusedError):  # nobody answers: the last server's error
+        Client(HOST, dead, servers=[(HOST, _free_port())]).connect()
+
+
+def test_library_fails_over_to_the_next_server_and_logs_in_again(make_process):
+    """A client on A, A killed for good: reconnect() logs in on B (the next of its servers) with
+    the secret it registered on A, and its activities reach B's clients."""
+    a = make_process()
+    b = make_process(remote_port=a.port)
+    client = Client(HOST, a.port, "gina", servers=[(HOST, b.port)], redirect_wait=0)
+    client.connect()
+    assert client.generated_secret and client.port == a.port
+    wait_until(lambda: can_login(b.port, "gina", client.secret), message="gina to reach B")
+    observer = login(b.port)
+    secret = client.secret
+    a.kill()
+    assert connection_ends(client)
+    # B knows gina, so a second REGISTER would fail there: logging in proves it is not repeated
+    assert client.reconnect() is True
+    assert client.logged_in and (client.host, client.port) == (HOST, b.port)
+    assert client.secret == secret
+    client.send_activity({"after": "failover"})
+    assert observer.expect("ACTIVITY_BROADCAST")["activity"] == \
+        {"after": "failover", "authenticated_user": "gina"}
+    assert client.recv(TIMEOUT)["activity"]["after"] == "failover"
+    client.logout()
+    client.close()
+    observer.close()
+
+
 # --- the command line against real servers ------------------------------------------------------
 
 def test_cli_anonymous_text_and_json_input(make_server, run_client):
@@ -674,6 +769,44 @@ def test_cli_reconnects_after_the_server_is_killed_and_restarted(make_process, r
     client.close_input()
     finished(client)
     observer.close()
+
+
+def test_cli_fails_over_to_the_next_server_when_its_own_dies_for_good(make_process, run_client):
+    """A client on A with --servers B: A is killed and never comes back. The client logs in on B
+    as the user it registered on A (no second REGISTER), what was typed meanwhile is sent, and
+    what it types reaches B's clients."""
+    a = make_process()
+    b = make_process(remote_port=a.port)
+    observer = login(b.port)  # B has one client, A none: A keeps the next one (no REDIRECT)
+    client = run_client(a.port, "-u", "hana", "--servers", f"127.0.0.1:{b.port}")
+    secret = client.wait_line(r"generated secret (\S+)").group(1)
+    client.wait_line(rf"logged in as hana at 127\.0\.0\.1:{a.port}$")
+    wait_until(lambda: can_login(b.port, "hana", secret), message="hana to reach B")
+    a.kill()
+    client.wait_line(rf"lost the connection to 127\.0\.0\.1:{a.port}; reconnecting")
+    client.write("typed while failing over\n")
+    client.wait_line(rf"reconnected as hana at 127\.0\.0\.1:{b.port}$")
+    assert observer.expect("ACTIVITY_BROADCAST")["activity"] == \
+        {"message": "typed while failing over", "authenticated_user": "hana"}
+    client.write("hello B\n")
+    assert observer.expect("ACTIVITY_BROADCAST")["activity"] == \
+        {"message": "hello B", "authenticated_user": "hana"}
+    client.wait_line(r"^hana: hello B$", "out")
+    client.close_input()
+    finished(client)
+    assert sum("registered hana" in line for line in client.lines("err")) == 1
+    assert client.error_lines() == []
+    observer.close()
+
+
+def test_cli_starts_on_the_next_server_when_the_first_does_not_answer(make_server, run_client):
+    server = make_server()
+    dead = _free_port()
+    client = run_client(dead, "--servers", f"127.0.0.1:{_free_port()},127.0.0.1:{server.port}")
+    client.wait_line(rf"logged in as anonymous at 127\.0\.0\.1:{server.port}$")
+    client.close_input()
+    finished(client)
+    assert client.error_lines() == []
 
 
 def test_cli_end_of_input_while_reconnecting_exits_0(make_process, run_client):

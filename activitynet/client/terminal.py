@@ -25,11 +25,11 @@ Options (the Project 1 flag in brackets):
 Each line typed is sent as an activity: a JSON object as it is, any other text as
 {"message": "<text>"}; blank lines are ignored. Received activities are printed as
 "<sender>: <content>". Ctrl-D (end of input) or Ctrl-C logs out and exits with status 0, also
-while reconnecting. When the server goes away the client logs in again, on the next server of
--rh/-rp and --servers, 0.2 s doubling up to 5 s apart. stdout carries only what was received;
-status lines (the generated secret, redirects, lost and restored connections, errors) go to
-stderr. Exit status: 0 after logging out, 1 on a failure reply or a lost connection that is not
-restored, 2 for a bad command line.
+while reconnecting. When the server goes away the client logs in again, on the next of the
+servers given (-rh/-rp, then --servers), 0.2 s doubling up to 5 s apart. stdout carries only
+what was received; status lines (the generated secret, redirects, lost and restored
+connections, errors) go to stderr. Exit status: 0 after logging out, 1 on a failure reply or a
+lost connection that is not restored, 2 for a bad command line.
 
 Design: one ``Client`` (activitynet.client.library) owns the connection for the whole session,
 reconnections included. A ``Session`` runs two threads: the main thread reads stdin and queues
