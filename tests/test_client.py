@@ -10,6 +10,7 @@ import io
 import json
 import os
 import re
+import shutil
 import signal
 import socket
 import ssl
@@ -884,3 +885,101 @@ def test_cli_no_reconnect_exits_1(make_process, run_client):
     finished(client, 1)
     assert client.error_lines() == [f"activitynet.client: error: lost the connection to "
                                     f"127.0.0.1:{server.port}"]
+
+
+# --- TLS ----------------------------------------------------------------------------------------
+# The servers' side of TLS is built elsewhere; here a scripted server speaks just enough of the
+# protocol over TLS (LOGIN -> LOGIN_SUCCESS, ACTIVITY_MESSAGE -> ACTIVITY_BROADCAST, LOGOUT) to
+# show that the client verifies the server and talks to it through TLS. Certificates are made at
+# test time with the openssl command.
+
+def openssl(*args, cwd):
+    subprocess.run(["openssl", *args], cwd=cwd, check=True, capture_output=True, timeout=60)
+
+
+def make_ca(directory, name):
+    """A self-signed CA: ``name``.pem and ``name``.key in ``directory``."""
+    openssl("req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
+            "-keyout", f"{name}.key", "-out", f"{name}.pem", "-days", "2", "-subj", f"/CN={name}",
+            "-addext", "basicConstraints=critical,CA:TRUE",
+            "-addext", "keyUsage=critical,keyCertSign,cRLSign", cwd=directory)
+    return directory / f"{name}.pem"
+
+
+@pytest.fixture(scope="module")
+def tls_files(tmp_path_factory):
+    """{"ca": trusted CA, "other_ca": a CA that signed nothing here, "cert"/"key": the server's
+    certificate for 127.0.0.1, signed by "ca"}."""
+    if shutil.which("openssl") is None:
+        pytest.skip("the openssl command is needed to make test certificates, and is not installed")
+    directory = tmp_path_factory.mktemp("tls")
+    ca = make_ca(directory, "ca")
+    other = make_ca(directory, "other_ca")
+    (directory / "server.ext").write_text(
+        "basicConstraints=CA:FALSE\nkeyUsage=critical,digitalSignature\n"
+        "extendedKeyUsage=serverAuth\nsubjectAltName=IP:127.0.0.1\n"
+        "subjectKeyIdentifier=hash\nauthorityKeyIdentifier=keyid\n")
+    openssl("req", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
+            "-keyout", "server.key", "-out", "server.csr", "-subj", "/CN=127.0.0.1", cwd=directory)
+    openssl("x509", "-req", "-in", "server.csr", "-CA", "ca.pem", "-CAkey", "ca.key",
+            "-CAcreateserial", "-days", "2", "-extfile", "server.ext", "-out", "server.pem",
+            cwd=directory)
+    return {"ca": str(ca), "other_ca": str(other), "cert": str(directory / "server.pem"),
+            "key": str(directory / "server.key")}
+
+
+def over_tls(peer, tls_files):
+    """The server's side of the TLS handshake on a FakeServer's connection."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(tls_files["cert"], tls_files["key"])
+    peer.sock = context.wrap_socket(peer.sock, server_side=True)
+    return peer
+
+
+def echo_over_tls(tls_files):
+    """A script: TLS, LOGIN -> LOGIN_SUCCESS, one activity echoed as a broadcast, then LOGOUT."""
+    def script(peer):
+        over_tls(peer, tls_files)
+        answer_login(peer)
+        sent = peer.expect("ACTIVITY_MESSAGE", username="anonymous")
+        peer.send({"command": "ACTIVITY_BROADCAST", "id": "tls-1",
+                   "activity": {**sent["activity"], "authenticated_user": "anonymous"}})
+        assert peer.recv() == {"command": "LOGOUT"}
+    return script
+
+
+def test_library_over_tls(fake_server, tls_files):
+    fake = fake_server(echo_over_tls(tls_files))
+    with Client(HOST, fake.port, tls_ca=tls_files["ca"], redirect_wait=0) as client:
+        client.login()
+        assert isinstance(client.sock, ssl.SSLSocket) and client.sock.version().startswith("TLS")
+        client.send_activity({"secret": "stuff"})
+        assert client.recv(TIMEOUT)["activity"] == {"secret": "stuff", "authenticated_user": "anonymous"}
+    fake.check()
+
+
+def test_cli_over_tls(fake_server, run_client, tls_files):
+    fake = fake_server(echo_over_tls(tls_files))
+    client = run_client(fake.port, "--tls", "--tls-ca", tls_files["ca"])
+    client.wait_line(rf"logged in as anonymous at 127\.0\.0\.1:{fake.port}$")
+    client.write("over TLS\n")
+    client.wait_line(r"^anonymous: over TLS$", "out")
+    client.close_input()
+    finished(client)
+    fake.check()
+
+
+@pytest.mark.parametrize("flags", [("--tls-ca", "other_ca"), ("--tls",)],
+                         ids=["another CA (--tls-ca implies --tls)", "the system's CAs"])
+def test_cli_refuses_a_server_its_ca_did_not_sign(fake_server, run_client, tls_files, flags):
+    def refused(peer):
+        with pytest.raises(ssl.SSLError):  # the client aborts the handshake
+            over_tls(peer, tls_files)
+
+    fake = fake_server(refused)
+    client = run_client(fake.port, *(tls_files.get(flag, flag) for flag in flags))
+    finished(client, 1)
+    assert client.lines("err") == [f"activitynet.client: error: the certificate of "
+                                   f"127.0.0.1:{fake.port} was not accepted: "
+                                   f"unable to get local issuer certificate"]
+    fake.check()
