@@ -318,6 +318,7 @@ def test_servers_and_tls_options_parse():
     (["--servers"], "--servers requires argument"),
     (["--tls-ca", "/nonexistent/ca.pem"], "--tls-ca '/nonexistent/ca.pem' cannot be used as CA "
                                           "certificates (PEM): No such file or directory"),
+    (["--tls-ca", __file__], "cannot be used as CA certificates (PEM): it holds no PEM certificate"),
 ])
 def test_bad_command_lines_exit_2(argv, complaint):
     stdout, stderr = io.StringIO(), io.StringIO()

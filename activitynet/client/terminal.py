@@ -138,6 +138,8 @@ def ssl_context(cafile):
         return tls_context(cafile)
     except (OSError, ssl.SSLError) as exc:
         reason = getattr(exc, "reason", None) or exc.strerror or exc
+        if reason == "NO_CERTIFICATE_OR_CRL_FOUND":
+            reason = "it holds no PEM certificate"
         raise cli.UsageError(f"--tls-ca {cafile!r} cannot be used as CA certificates (PEM): "
                              f"{reason}") from None
 
