@@ -317,3 +317,28 @@ def test_fast_decode_reads_every_number_as_the_reference_does(number):
     assert fast == reference
     if fast[0] == "ok":
         assert type(fast[1]["n"]) is type(reference[1]["n"])
+
+
+
+# --- activity ids ---------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("activity_id, parsed", [
+    ("0123456789abcdef:1:1700000000000", ("0123456789abcdef", 1, 1700000000000)),
+    ("0123456789abcdef:" + "9" * 18 + ":" + "9" * 15, ("0123456789abcdef", 10 ** 18 - 1, 10 ** 15 - 1)),
+    ("0123456789abcdef:007:0", ("0123456789abcdef", 7, 0)),
+])
+def test_parse_id_reads_our_ids(activity_id, parsed):
+    assert protocol.parse_id(activity_id) == parsed
+
+
+@pytest.mark.parametrize("activity_id", [
+    "0123456789abcdef:" + "9" * 19 + ":1", "0123456789abcdef:1:" + "9" * 16, "0123456789ABCDEF:1:1",
+    "0123456789abcde:1:1", "0123456789abcdeff:1:1", "0123456789abcdeg:1:1", "0123456789abcdef::1",
+    "0123456789abcdef:1:", "0123456789abcdef:1:1:1", "0123456789abcdef:1", "0123456789abcdef:+1:1",
+    "0123456789abcdef:-1:1", "0123456789abcdef: 1:1", "0123456789abcdef:1_0:1", "0123456789abcdef:\u0661:1",
+    "0123456789abcdef:1:\u00b2", "0123456789abcdef:1:1\n", "0123456789abcde\u0660:1:1", "", ":", "::", "a1",
+])
+def test_parse_id_leaves_every_other_id_foreign(activity_id):
+    """Foreign ids are opaque: anything not exactly our format (digits of other scripts
+    included) is None, and is de-duplicated by the whole id instead."""
+    assert protocol.parse_id(activity_id) is None
