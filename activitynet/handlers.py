@@ -167,11 +167,16 @@ def dispatch_line(ctx, session, line):
     """Handle one received line. Heartbeats are ignored where a server link may send them."""
     if line == protocol.HEARTBEAT_LINE and session.role != CLIENT:
         return
-    dispatch_message(ctx, session, protocol.decode(line), line)
+    message = schemas.decode_valid(line)  # the activity commands, decoded and validated at once
+    if message is None:
+        dispatch_message(ctx, session, protocol.decode(line), line)
+    else:
+        dispatch_message(ctx, session, message, line, valid=True)
 
 
-def dispatch_message(ctx, session, message, line=None):
-    """Handle one decoded message; ``line`` is the bytes it came in (None inside a BUNDLE)."""
+def dispatch_message(ctx, session, message, line=None, valid=False):
+    """Handle one decoded message; ``line`` is the bytes it came in (None inside a BUNDLE),
+    ``valid`` says it already passed its schema."""
     command = message.get("command")
     if command is None:
         raise InvalidMessage("the message has no 'command' field")
@@ -180,7 +185,8 @@ def dispatch_message(ctx, session, message, line=None):
     handler = HANDLERS_BY_ROLE[session.role].get(command)
     if handler is None:
         raise InvalidMessage(_refusal(session.role, command))
-    schemas.validate(message)
+    if not valid:
+        schemas.validate(message)
     handler(ctx, session, message, line)
 
 

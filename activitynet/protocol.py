@@ -77,6 +77,11 @@ def nesting_depth(line):
     return deepest
 
 
+def may_nest_too_deep(line):
+    """A cheap first look: False means ``line`` cannot nest more than MAX_DEPTH levels."""
+    return line.count(b"[") + line.count(b"{") > MAX_DEPTH
+
+
 def decode(line):
     """Parse one line (bytes, without its terminator) into a message object.
 
@@ -85,7 +90,7 @@ def decode(line):
     encoder recurse once per level, and a hostile line of a million brackets must not exhaust a
     reader thread's stack.
     """
-    if line.count(b"[") + line.count(b"{") > MAX_DEPTH and nesting_depth(line) > MAX_DEPTH:
+    if may_nest_too_deep(line) and nesting_depth(line) > MAX_DEPTH:
         raise InvalidMessage(f"the message nests arrays or objects more than {MAX_DEPTH} levels deep")
     try:
         message = _fast_loads(line)
