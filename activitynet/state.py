@@ -59,6 +59,13 @@ class State:
         self._clients = {}  # logged-in client sessions, in login order
         self._links = {}  # authenticated server sessions -> their recovery.Link
 
+    def batch(self):
+        """A section holding the state lock across several verbs (each takes it again: it is
+        reentrant), for a reader thread's batch of lines: one hold instead of one per line,
+        and what the batch sends is queued once per connection (see ``connection.Outgoing``).
+        Keep batches bounded: other connections wait for the lock meanwhile."""
+        return self._locked
+
     # --- sessions --------------------------------------------------------------------------
 
     def open_session(self, outbox, address):
