@@ -6,6 +6,7 @@ scenario and stops them all when its ``with`` block ends, however it ends (failu
 """
 
 import contextlib
+import functools
 import os
 import re
 import resource
@@ -75,6 +76,17 @@ def cpu_seconds(pid):
     return (int(fields[11]) + int(fields[12])) / _TICKS
 
 
+@functools.cache
+def server_has_flag(flag):
+    """Whether the server under test knows ``flag`` (its usage text names it).
+
+    Every scenario sends faster than one client may once flood control (``--rate-limit``,
+    issue 11: 500 activities/s per client by default) is in: the benchmarks measure what a
+    server can relay, so they turn it off, on servers that have it, unless a scenario sets it."""
+    from activitynet import server
+    return flag in (server.__doc__ or "")
+
+
 class ServerProcess:
     """One ``python -m activitynet.server`` process."""
 
@@ -99,6 +111,8 @@ class ServerProcess:
                                   "-a", str(self.interval)]
         if self.remote_port is not None:
             args += ["-rh", HOST, "-rp", str(self.remote_port)]
+        if server_has_flag("--rate-limit") and "--rate-limit" not in self.extra:
+            args += ["--rate-limit", "0"]  # flood control off: see server_has_flag
         return args + self.extra
 
     def start(self):
