@@ -17,7 +17,8 @@ from the side that dialled the relay to the target, ``DOWN`` the other.
   once, the rest later. Bytes are never reordered, lost or duplicated, only held back: a byte is
   sent no earlier than any byte before it. Policies: ``HoldAfterLines(n, seconds)`` (deliver up
   to the n-th message line at once, hold the rest), ``RandomSegments(seed, max_delay, ...)``
-  (random split points, random delays). ``shape(direction, None)`` stops shaping new connections.
+  (random split points, random delays), ``Latency(seconds)`` (everything, that much later).
+  ``shape(direction, None)`` stops shaping new connections.
 - ``stall(seconds)`` holds back what the target sends on each *new* connection for ``seconds``
   after it was accepted, then delivers it in order: a peer slow to answer while a link comes up.
 - ``Relay(..., record=True)`` keeps every line it delivered, with the time and direction
@@ -123,6 +124,19 @@ class HoldAfterLines:
                     return [(now, data[:split]), (until, data[split:])]
 
         return cut
+
+
+class Latency:
+    """Hold every byte ``seconds`` after it was read: a long, slow path (the order stays)."""
+
+    def __init__(self, seconds):
+        self.seconds = seconds
+
+    def __repr__(self):
+        return f"Latency({self.seconds})"
+
+    def cutter(self, _pair_number, _direction):
+        return lambda data, now: [(now + self.seconds, data)]
 
 
 class RandomSegments:

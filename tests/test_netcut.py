@@ -11,7 +11,7 @@ import time
 import pytest
 
 from harness import TIMEOUT, wait_until
-from netcut import DOWN, UP, HoldAfterLines, RandomSegments, Relay
+from netcut import DOWN, UP, HoldAfterLines, Latency, RandomSegments, Relay
 
 
 class Sink:
@@ -231,4 +231,15 @@ def test_stall_holds_what_the_target_sends_first(sink, relay):
     assert read_until(client, 5) == b"late\n"
     assert time.monotonic() - accepted >= 0.45
     relay.stall(0)
+    client.close()
+
+
+def test_latency_delays_every_byte_in_order(sink, relay):
+    relay.shape(UP, Latency(0.3))
+    client = dial(relay)
+    sent = time.monotonic()
+    client.sendall(b"one\n")
+    client.sendall(b"two\n")
+    wait_until(lambda: sink.data() == b"one\ntwo\n", message="both lines")
+    assert sink.arrivals()[0][0] - sent >= 0.3
     client.close()
