@@ -350,6 +350,11 @@ class Relay:
             self._policies[direction] = policy
         return policy
 
+    def policies(self):
+        """The shaping policies in force for new connections (for reports)."""
+        with self._lock:
+            return [policy for policy in self._policies.values() if policy is not None]
+
     def stall(self, seconds):
         """Hold the target's bytes on each new connection for ``seconds`` after it is accepted
         (0 to stop stalling new connections)."""
