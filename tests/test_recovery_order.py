@@ -138,6 +138,13 @@ def runs(numbers):
     return text + (", ..." if len(out) > 6 else "")
 
 
+def wait_line(relay, direction, command, since):
+    """Wait until the relay delivered a ``command`` line in ``direction`` after ``since``."""
+    marker = f'"command":"{command}"'.encode()
+    wait_until(lambda: any(marker in line for _t, _n, _d, line in relay.lines(direction, since)), LONG,
+               message=f"{command} on the wire ({direction})")
+
+
 def wire(relay, since, limit=40):
     """The new link's lines since ``since`` (relay trace), heartbeats left out and runs of
     ACTIVITY_BROADCAST folded into sequence ranges: the picture of issue 14."""
@@ -186,6 +193,7 @@ def test_load_announce_while_the_initiators_announce_is_late_loses_nothing(make_
     healed = time.monotonic()
     relay.heal()
     assert hold.held.wait(LONG), "B did not redial through the relay"
+    wait_line(relay, DOWN, "SYNC_USER", healed)  # A took B's AUTHENTICATE: the new link is up on A
     visitor = login(a.port)  # the load on A changes while B's SERVER_ANNOUNCE is held
     logged_in = time.monotonic()
     (_began, released), = hold.holds
@@ -302,14 +310,17 @@ def churn(port, rng, until):
     login and logout changes the load, and every change is announced to the neighbours. A
     REDIRECT (the neighbour is less loaded) ends that client, which is a load change as well."""
     while time.monotonic() < until:
-        client = LineClient(port)
+        try:
+            client = LineClient(port)
+        except OSError as exc:
+            raise AssertionError(f"server {port} refused a client: {exc}") from None
         try:
             client.send({"command": "LOGIN", "username": "anonymous"})
             client.recv()
             time.sleep(rng.uniform(0.0, 0.15))
             client.send({"command": "LOGOUT"})
         except OSError:
-            pass
+            pass  # redirected and closed: a load change all the same
         finally:
             client.close()
         time.sleep(rng.uniform(0.0, 0.1))
