@@ -357,7 +357,7 @@ class Relay:
 
     def stall(self, seconds):
         """Hold the target's bytes on each new connection for ``seconds`` after it is accepted
-        (0 to stop stalling new connections)."""
+        (0 to stop stalling new connections). A ``shape(DOWN, ...)`` policy takes precedence."""
         with self._lock:
             self._stall = seconds
 
