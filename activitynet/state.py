@@ -206,7 +206,7 @@ class State:
         with self._locked:
             link = self._links.get(session)
             if link is not None:
-                link.activities_received += 1
+                link.peer_sent_activity(time.monotonic())
                 if link.peer_key is not None:
                     self._peers.heard(link.peer_key, activity_id)
             parsed = protocol.parse_id(activity_id)
