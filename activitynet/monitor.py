@@ -195,26 +195,31 @@ def iso_time(unix):
 # --- rates ---------------------------------------------------------------------------------------
 
 class RateMeter:
-    """Per-second rates of some counters over the last ``RATE_WINDOW`` seconds, from samples the
-    monitor's sampler thread takes once a second (reads of plain ints; no lock)."""
+    """Per-second rates of some counters over the last ``RATE_WINDOW`` seconds or so: from the
+    oldest of the samples the monitor's sampler thread takes once a second to the counters' values
+    now (reads of plain ints; no lock)."""
+
+    MIN_SPAN = 0.2  # seconds; a rate over less is noise
 
     def __init__(self, counters, clock=time.monotonic):
         self.counters = counters
         self.clock = clock
-        self._samples = collections.deque(maxlen=RATE_WINDOW + 1)  # (time, values)
+        self._samples = collections.deque(maxlen=RATE_WINDOW)  # (time, values)
         self.sample()
 
+    def _values(self):
+        return tuple(getattr(self.counters, name) for name in RATED)
+
     def sample(self):
-        values = tuple(getattr(self.counters, name) for name in RATED)
-        self._samples.append((self.clock(), values))  # deque.append is atomic
+        self._samples.append((self.clock(), self._values()))  # deque.append is atomic
 
     def rates(self):
-        """``{rate name: per second}``; None before two samples exist."""
-        samples = list(self._samples)
-        (t0, first), (t1, last) = samples[0], samples[-1]
-        if t1 <= t0:
+        """``{rate name: per second}``; None in the first moments after start."""
+        t0, first = self._samples[0]
+        now, values = self.clock(), self._values()
+        if now - t0 < self.MIN_SPAN:
             return dict.fromkeys(RATED.values())
-        return {name: round((b - a) / (t1 - t0), 3) for name, a, b in zip(RATED.values(), first, last)}
+        return {name: round((b - a) / (now - t0), 3) for name, a, b in zip(RATED.values(), first, values)}
 
 
 # --- /metrics --------------------------------------------------------------------------------------

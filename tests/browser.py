@@ -14,6 +14,7 @@ import shutil
 import subprocess
 import tempfile
 import threading
+import time
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
@@ -103,7 +104,13 @@ class Browser:
         return self._call(method, session=self.session, **params)
 
     def goto(self, url):
+        """Load ``url`` and return once its document (and its scripts) have loaded."""
         self.call("Page.navigate", url=url)
+        deadline = time.monotonic() + self.timeout
+        while self.evaluate("location.href + ' ' + document.readyState") != f"{url} complete":
+            if time.monotonic() > deadline:
+                raise BrowserError(f"{url} did not load in {self.timeout} s")
+            time.sleep(0.05)
 
     def evaluate(self, expression):
         """The value of a JavaScript expression in the page (promises are awaited)."""

@@ -92,14 +92,19 @@ def test_varz_gives_identity_settings_counts_and_counters(running, source):
 def test_rates_are_per_second_over_the_last_seconds(source):
     now = [100.0]
     meter = monitor.RateMeter(source.counters, clock=lambda: now[0])
-    assert set(meter.rates().values()) == {None}, "one sample is not a rate"
-    for _ in range(3):
+    assert set(meter.rates().values()) == {None}, "no time has passed: no rate yet"
+    for second in range(monitor.RATE_WINDOW + 3):
         now[0] += 1.0
-        source.counters.activities_from_clients += 50
+        source.counters.activities_from_clients += 50 if second < 3 else 10
         source.counters.bytes_out += 1000
         meter.sample()
+    now[0] += 0.5
+    source.counters.activities_from_clients += 5
     rates = meter.rates()
-    assert rates["activities_from_clients_per_s"] == 50.0 and rates["bytes_out_per_s"] == 1000.0
+    assert rates["activities_from_clients_per_s"] == 10.0, "the last seconds only, up to now"
+    # from the oldest sample kept (RATE_WINDOW - 1 s before the last) to now, half a second later
+    span = monitor.RATE_WINDOW - 1 + 0.5
+    assert rates["bytes_out_per_s"] == round((monitor.RATE_WINDOW - 1) * 1000 / span, 3)
     assert rates["activities_delivered_per_s"] == 0.0
 
 

@@ -53,3 +53,14 @@ def test_the_installed_server_serves_from_another_directory(tmp_path):
         server.terminate()
         wait_until(lambda: server.poll() is not None, message="the server to exit")
     assert server.returncode == 0
+
+
+def test_the_installed_package_carries_the_monitor_page(tmp_path):
+    code = ("import importlib.resources as r, json; import activitynet.web as w; "
+            "print(json.dumps([str(r.files(w)), sorted(p.name for p in r.files(w).iterdir() "
+            "if p.suffix in ('.html', '.css', '.js'))]))")
+    result = installed_python(tmp_path, code)
+    assert result.returncode == 0, result.stderr
+    where, files = json.loads(result.stdout)
+    assert "site-packages" in where, f"not the installed copy: {where}"
+    assert files == ["index.html", "map.css", "map.js"]
