@@ -11,7 +11,7 @@ own, answering read-only GETs:
   /metrics   the same figures in the Prometheus text format
   /          the live network map (``activitynet/web``)
 
-It reads a *source*, a narrow view of the server (see ``Source``): one plain-data ``snapshot()``
+It reads a *source*, a narrow view of the server (see ``Source``): one plain-data snapshot
 per request (the state lock is held only to copy) and the ``Counters`` object, read without a
 lock (the relay bumps plain ints; see ``stats``). Nothing here touches the relay's live
 structures, so a monitor request costs the relay one copy under its lock and nothing else.
@@ -33,8 +33,11 @@ import importlib.resources
 import json
 import logging
 import socket
+import socketserver
+import sys
 import threading
 import time
+import typing
 import urllib.parse
 
 from prometheus_client import CollectorRegistry, generate_latest
@@ -66,18 +69,29 @@ STATIC = {  # the page's files (package data in activitynet/web) and their conte
 }
 
 
-class Source:
+class Source(typing.Protocol):
     """What the monitor reads; the server provides one (tests provide a fake).
 
-    - ``snapshot()``: plain data, the shape of ``State.snapshot()`` (see ARCH.md) plus
-      ``"version"``, ``"started_at"`` (unix time) and ``"settings"`` (a dict, secrets left out);
-    - ``counters``: the server's ``stats.Counters``;
-    - ``stopping``: a ``threading.Event`` set once the server shuts down;
-    - ``is_healthy()``: False while the durable store (if any) is failing;
-    - ``network()`` (optional): the network map, ``{"servers": [{"address": "h:p", ...}],
-      "links": [{"a": "h:p", "b": "h:p"}], "root": "h:p" or None}``, or None while unknown.
-      Without it ``/networkz`` shows this server and its neighbours.
+    ``network()`` may be missing: without it ``/networkz`` shows this server and its neighbours.
     """
+
+    counters: stats.Counters  # the server's counters since start
+    stopping: threading.Event  # set once the server shuts down
+
+    def snapshot(self, clients=True):
+        """Plain data, the shape of ``State.snapshot()`` (see ARCH.md) plus ``"version"``,
+        ``"started_at"`` (unix time), ``"settings"`` (a dict, secrets left out),
+        ``"client_count"`` and ``"client_bytes_queued"``. With ``clients=False`` the ``"clients"``
+        list is left out: copying 10,000 client records costs milliseconds, and only /connz needs
+        them."""
+
+    def is_healthy(self):
+        """False while the durable store (if any) is failing."""
+
+    def network(self):
+        """The network map, ``{"servers": [{"address": "h:p", ...}], "links": [{"a": "h:p",
+        "b": "h:p"}], "root": "h:p" or None}``, or None while unknown. Extra fields of a server
+        (``load``, ``monitor``: its monitor's "h:p", ``alive``, ...) are passed on to /networkz."""
 
 
 class BadRequest(Exception):
@@ -91,7 +105,7 @@ def address_of(snapshot):
 
 
 def varz(snapshot, counters, rates, now):
-    clients, links = snapshot["clients"], snapshot["links"]
+    links = snapshot["links"]
     return {
         "server": {
             "origin": snapshot["origin"],
@@ -103,7 +117,7 @@ def varz(snapshot, counters, rates, now):
         },
         "settings": snapshot["settings"],
         "counts": {
-            "clients": len(clients),
+            "clients": snapshot["client_count"],
             "logged_in_names": snapshot["logged_in_names"],
             "users": snapshot["users"],
             "blocked": snapshot["blocked"],
@@ -112,7 +126,7 @@ def varz(snapshot, counters, rates, now):
             "pending": snapshot["pending"],
             "history_entries": snapshot["history"]["entries"],
             "history_bytes": snapshot["history"]["bytes"],
-            "bytes_queued": sum(c["bytes_queued"] for c in clients) + sum(l["bytes_queued"] for l in links),
+            "bytes_queued": snapshot["client_bytes_queued"] + sum(link["bytes_queued"] for link in links),
         },
         "counters": counters,
         "rates": rates,
@@ -168,7 +182,7 @@ def networkz(snapshot, network_map, figures):
         entry["self"] = entry["address"] == me
         servers[entry["address"]] = entry
     servers.setdefault(me, {"address": me, "monitor": None, "alive": True, "self": True})
-    servers[me].update(figures, origin=snapshot["origin"], load=len(snapshot["clients"]))
+    servers[me].update(figures, origin=snapshot["origin"], load=snapshot["client_count"])
     mine = {(link["peer"] or link["address"]): link for link in snapshot["links"]}
     links = []
     for link in known["links"]:
@@ -235,7 +249,7 @@ class MetricsCollector:
         return []  # unknown until scraped; keeps registration from calling collect()
 
     def collect(self):
-        snapshot = self.source.snapshot()
+        snapshot = self.source.snapshot(clients=False)
         counters = self.source.counters
         info = InfoMetricFamily("activitynet_server", "This server's identity.")
         info.add_metric([], {"origin": snapshot["origin"], "address": address_of(snapshot),
@@ -250,9 +264,9 @@ class MetricsCollector:
         for reason, count in counters.invalid_messages.items():
             invalid.add_metric([reason], count)
         yield invalid
-        clients, links = snapshot["clients"], snapshot["links"]
+        links = snapshot["links"]
         gauges = (
-            ("activitynet_clients", "Logged-in client connections.", len(clients)),
+            ("activitynet_clients", "Logged-in client connections.", snapshot["client_count"]),
             ("activitynet_logged_in_names", "Distinct user names logged in.", snapshot["logged_in_names"]),
             ("activitynet_registered_users", "Registered users known to this server.", snapshot["users"]),
             ("activitynet_blocked_names", "User names blocked network-wide.", snapshot["blocked"]),
@@ -262,7 +276,7 @@ class MetricsCollector:
             ("activitynet_history_entries", "Activities kept for recovery.", snapshot["history"]["entries"]),
             ("activitynet_history_bytes", "Bytes of activities kept for recovery.", snapshot["history"]["bytes"]),
             ("activitynet_client_queued_bytes", "Bytes waiting in client outboxes.",
-             sum(c["bytes_queued"] for c in clients)),
+             snapshot["client_bytes_queued"]),
         )
         for name, text, value in gauges:
             yield GaugeMetricFamily(name, text, value=value)
@@ -307,6 +321,12 @@ class MonitorHTTPServer(http.server.ThreadingHTTPServer):
         self._active = set()  # sockets of the requests being served, cut short by ``cut_requests``
         super().__init__(address, handler)
 
+    def server_bind(self):
+        # HTTPServer's own server_bind asks the resolver for a fully qualified name, which can
+        # hang on a machine without DNS; the name is not used here
+        socketserver.TCPServer.server_bind(self)
+        self.server_name, self.server_port = self.server_address[:2]
+
     def process_request(self, request, client_address):
         if not self.slots.acquire(blocking=False):
             refuse_busy(request)
@@ -340,7 +360,8 @@ class MonitorHTTPServer(http.server.ThreadingHTTPServer):
                 pass
 
     def handle_error(self, request, client_address):
-        log.debug("monitor: connection from %s:%d ended badly", *client_address[:2], exc_info=True)
+        # a client that hung up or timed out mid-request; nothing of ours failed
+        log.debug("monitor: connection from %s:%d ended: %r", *client_address[:2], sys.exc_info()[1])
 
 
 def refuse_busy(sock):
@@ -439,22 +460,22 @@ def route_healthz(monitor, _query):
 
 
 def route_varz(monitor, _query):
-    return 200, varz(monitor.source.snapshot(), monitor.source.counters.as_dict(),
+    return 200, varz(monitor.source.snapshot(clients=False), monitor.source.counters.as_dict(),
                      monitor.rates.rates(), time.time())
 
 
 def route_connz(monitor, query):
     offset, limit = page_bounds(query)
-    return 200, connz(monitor.source.snapshot(), offset, limit)
+    return 200, connz(monitor.source.snapshot(clients=True), offset, limit)
 
 
 def route_linksz(monitor, _query):
-    return 200, linksz(monitor.source.snapshot())
+    return 200, linksz(monitor.source.snapshot(clients=False))
 
 
 def route_networkz(monitor, _query):
     source = monitor.source
-    snapshot = source.snapshot()
+    snapshot = source.snapshot(clients=False)
     network_map = source.network() if hasattr(source, "network") else None
     now = time.time()
     rates = monitor.rates.rates()

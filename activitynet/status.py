@@ -167,7 +167,7 @@ def render(gathered):
     out = [f"{len(lines)} servers, {len(network['links'])} links ({seen}, asked {network['self']}; * = asked)"]
     for name, cells in zip(names, rows):
         out.append(f"{name:<{name_width}}  " + "  ".join(
-            f"{cell:>{width}}" if i != 2 else f"{cell:<{width}}" for i, (cell, width) in enumerate(zip(cells, widths))))
+            f"{cell:<{width}}" if i in (1, 2) else f"{cell:>{width}}" for i, (cell, width) in enumerate(zip(cells, widths))))
     return out
 
 

@@ -40,16 +40,21 @@ class FakeSource:
     def address(self):
         return f"{self.hostname}:{self.port}"
 
-    def snapshot(self):
+    def snapshot(self, clients=True):
         self.snapshots += 1
-        return {
+        snapshot = {
             "origin": f"origin-{self.port}", "hostname": self.hostname, "port": self.port,
-            "clients": [dict(c) for c in self.clients], "links": [dict(l) for l in self.links],
+            "client_count": len(self.clients),
+            "client_bytes_queued": sum(c["bytes_queued"] for c in self.clients),
+            "links": [dict(l) for l in self.links],
             "users": self.users, "blocked": 1, "logged_in_names": len({c["user"] for c in self.clients}),
             "history": {"entries": 42, "bytes": 4200}, "pending": 2,
             "version": __version__, "started_at": self.started_at,
             "settings": {"local_port": self.port, "history": 100000, "max_outbox": 16777216},
         }
+        if clients:
+            snapshot["clients"] = [dict(c) for c in self.clients]
+        return snapshot
 
     def is_healthy(self):
         return self.healthy

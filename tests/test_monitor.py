@@ -167,6 +167,16 @@ def test_networkz_shows_the_network_map_once_there_is_one(running, source):
     assert network["links"][1]["live"] is None, "a link between two others: not known here"
 
 
+def test_networkz_passes_on_what_the_map_says_of_each_server(running, source):
+    source.network_map = {"servers": CHAIN["servers"] + [{"address": "127.0.0.1:3784", "alive": False}],
+                          "links": CHAIN["links"], "root": None}
+    network = get(running, "/networkz")[2]
+    gone = [s for s in network["servers"] if s["address"] == "127.0.0.1:3784"]
+    assert gone == [{"address": "127.0.0.1:3784", "load": None, "monitor": None, "alive": False,
+                     "self": False, "links": 0}]
+    assert network["root"] is None
+
+
 def test_metrics_parse_with_prometheus_clients_own_parser(running, source):
     source.counters.activities_delivered += 1234
     source.counters.bytes_in += 99
@@ -241,7 +251,7 @@ def test_a_request_line_that_is_not_http_is_a_400(running):
 
 
 def test_an_error_in_a_handler_is_a_500_logged_and_the_monitor_keeps_serving(running, source, caplog):
-    source.snapshot = lambda: 1 / 0
+    source.snapshot = lambda clients=True: 1 / 0
     status, _answer, body = get(running, "/varz")
     assert status == 500 and body == {"error": "internal error answering /varz; see the server's log"}
     logged = [r for r in caplog.records if r.name == "activitynet.monitor" and r.exc_info]

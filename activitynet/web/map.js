@@ -7,6 +7,7 @@
 const POLL_MS = 1000;
 const FETCH_TIMEOUT_MS = 900;
 const GONE_KEEP_MS = 30000;
+const MAX_ASKED = 32;  // other servers' monitors asked for their /varz each second, at most
 const COLUMN = 170, ROW = 140, MARGIN = 70, RADIUS = 24, LABEL_BELOW = RADIUS + 42;
 const SVG_NS = "http://www.w3.org/2000/svg";
 
@@ -229,7 +230,7 @@ async function showDetails() {
 // --- the loop ---------------------------------------------------------------------------------------------
 
 async function refreshRemote(network) {
-  const asks = network.servers.filter((s) => !s.self && s.monitor && s.alive !== false);
+  const asks = network.servers.filter((s) => !s.self && s.monitor && s.alive !== false).slice(0, MAX_ASKED);
   await Promise.all(asks.map(async (server) => {
     try {
       page.remote.set(server.address, await getJSON(varzURL(server)));
