@@ -12,8 +12,8 @@ own, answering read-only GETs:
   /          the live network map (``activitynet/web``)
 
 It reads a *source*, a narrow view of the server (see ``Source``): one plain-data snapshot
-per request (the state lock is held only to copy) and the ``Counters`` object, read without a
-lock (the relay bumps plain ints; see ``stats``). Nothing here touches the relay's live
+per request (the state lock is held only to copy) and the counters since start, read as plain
+ints (the relay bumps them with ``+=``; see ``stats``). Nothing here touches the relay's live
 structures, so a monitor request costs the relay one copy under its lock and nothing else.
 
 The monitor can never stop or slow the relay: at most ``MAX_REQUESTS`` requests are served at
@@ -75,8 +75,11 @@ class Source(typing.Protocol):
     ``network()`` may be missing: without it ``/networkz`` shows this server and its neighbours.
     """
 
-    counters: stats.Counters  # the server's counters since start
     stopping: threading.Event  # set once the server shuts down
+
+    def counter_values(self):
+        """The counters since start: ``stats.Counters.as_dict()`` of the server's counters, with
+        figures the server sums at read time (bytes of open connections) filled in."""
 
     def snapshot(self, clients=True):
         """Plain data, the shape of ``State.snapshot()`` (see ARCH.md) plus ``"version"``,
@@ -85,8 +88,8 @@ class Source(typing.Protocol):
         list is left out: copying 10,000 client records costs milliseconds, and only /connz needs
         them."""
 
-    def is_healthy(self):
-        """False while the durable store (if any) is failing."""
+    def health(self):
+        """None while healthy, else what is failing, in words (a durable store's error, say)."""
 
     def network(self):
         """The network map, ``{"servers": [{"address": "h:p", ...}], "links": [{"a": "h:p",
@@ -215,14 +218,15 @@ class RateMeter:
 
     MIN_SPAN = 0.2  # seconds; a rate over less is noise
 
-    def __init__(self, counters, clock=time.monotonic):
-        self.counters = counters
+    def __init__(self, counter_values, clock=time.monotonic):
+        self.counter_values = counter_values  # () -> {counter: value}, e.g. Source.counter_values
         self.clock = clock
         self._samples = collections.deque(maxlen=RATE_WINDOW)  # (time, values)
         self.sample()
 
     def _values(self):
-        return tuple(getattr(self.counters, name) for name in RATED)
+        values = self.counter_values()
+        return tuple(values[name] for name in RATED)
 
     def sample(self):
         self._samples.append((self.clock(), self._values()))  # deque.append is atomic
@@ -250,7 +254,7 @@ class MetricsCollector:
 
     def collect(self):
         snapshot = self.source.snapshot(clients=False)
-        counters = self.source.counters
+        counters = self.source.counter_values()
         info = InfoMetricFamily("activitynet_server", "This server's identity.")
         info.add_metric([], {"origin": snapshot["origin"], "address": address_of(snapshot),
                              "version": snapshot["version"]})
@@ -258,10 +262,10 @@ class MetricsCollector:
         yield GaugeMetricFamily("activitynet_start_time_seconds", "Start time (unix seconds).",
                                 value=snapshot["started_at"])
         for field in stats.FIELDS:
-            yield CounterMetricFamily(field.metric, field.help, value=getattr(counters, field.attribute))
+            yield CounterMetricFamily(field.metric, field.help, value=counters[field.attribute])
         invalid = CounterMetricFamily("activitynet_invalid_messages",
                                       "Messages refused with INVALID_MESSAGE, by reason.", labels=["reason"])
-        for reason, count in counters.invalid_messages.items():
+        for reason, count in counters["invalid_messages"].items():
             invalid.add_metric([reason], count)
         yield invalid
         links = snapshot["links"]
@@ -454,13 +458,14 @@ def route_healthz(monitor, _query):
     source = monitor.source
     if source.stopping.is_set():
         return 503, {"status": "stopping"}
-    if not source.is_healthy():
-        return 503, {"status": "failing", "error": "the durable store is failing; see the server's log"}
+    problem = source.health()
+    if problem:
+        return 503, {"status": "failing", "error": problem}
     return 200, {"status": "ok"}
 
 
 def route_varz(monitor, _query):
-    return 200, varz(monitor.source.snapshot(clients=False), monitor.source.counters.as_dict(),
+    return 200, varz(monitor.source.snapshot(clients=False), monitor.source.counter_values(),
                      monitor.rates.rates(), time.time())
 
 
@@ -499,7 +504,7 @@ class Monitor:
 
     def __init__(self, source, bind="127.0.0.1", port=0):
         self.source = source
-        self.rates = RateMeter(source.counters)
+        self.rates = RateMeter(source.counter_values)
         self.registry = CollectorRegistry(auto_describe=False)
         self.registry.register(MetricsCollector(source))
         web = importlib.resources.files("activitynet.web")

@@ -56,8 +56,11 @@ class FakeSource:
             snapshot["clients"] = [dict(c) for c in self.clients]
         return snapshot
 
-    def is_healthy(self):
-        return self.healthy
+    def counter_values(self):
+        return self.counters.as_dict()
+
+    def health(self):
+        return None if self.healthy else "the durable store cannot write: disk full"
 
     def network(self):
         return self.network_map

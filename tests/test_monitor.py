@@ -91,7 +91,7 @@ def test_varz_gives_identity_settings_counts_and_counters(running, source):
 
 def test_rates_are_per_second_over_the_last_seconds(source):
     now = [100.0]
-    meter = monitor.RateMeter(source.counters, clock=lambda: now[0])
+    meter = monitor.RateMeter(source.counter_values, clock=lambda: now[0])
     assert set(meter.rates().values()) == {None}, "no time has passed: no rate yet"
     for second in range(monitor.RATE_WINDOW + 3):
         now[0] += 1.0
