@@ -12,7 +12,7 @@ import pytest
 from activitynet.monitor import Monitor
 from browser import CHROMIUM, Browser
 from fakesource import FakeSource, client, link
-from harness import wait_until
+from harness import login, wait_until
 
 pytestmark = pytest.mark.skipif(
     CHROMIUM is None, reason="chromium is not installed, so the live map was not checked in a browser "
@@ -119,3 +119,32 @@ def test_without_a_network_map_the_page_shows_the_neighbours(browser):
         assert browser.evaluate('document.querySelector("line.edge").classList.contains("catching-up")')
     finally:
         started.stop()
+
+
+def test_the_map_of_a_real_network_shows_a_killed_server(make_process, browser, tmp_path):
+    """Three real servers a - b - c, the page served by b's monitor (b knows its neighbours); c is
+    killed (SIGKILL): b's link to it breaks, and the page greys c out."""
+    a = make_process(extra=["--monitor-port", "0"])
+    b = make_process(remote_port=a.port, extra=["--monitor-port", "0"])
+    c = make_process(remote_port=b.port, extra=["--monitor-port", "0"])
+    monitor = b.find_log(r"monitor on (http://[\d.]+:\d+/)").group(1)
+    names = {server: f"127.0.0.1:{server.port}" for server in (a, b, c)}
+    client = login(c.port)
+    browser.goto(monitor)
+
+    def picture_where(condition, message):
+        return wait_until(lambda: (lambda p: p if condition(p) else None)(browser.evaluate(PICTURE)),
+                          timeout=60, message=message)
+
+    picture = picture_where(lambda p: len(p["live"]) == 3 and len(p["edges"]) == 2
+                            and p["labels"][names[c]].startswith("1 clients"), "a real chain of 3 drawn")
+    assert picture["self"] == [names[b]]
+    assert picture["edges"] == sorted([" - ".join(sorted((names[a], names[b]))),
+                                       " - ".join(sorted((names[b], names[c])))])
+    assert picture["labels"][names[b]].startswith("0 clients")
+    browser.screenshot(os.environ.get("MAP_SCREENSHOT_REAL") or str(tmp_path / "real.png"))
+
+    c.kill()
+    picture = picture_where(lambda p: p["gone"] == [names[c]], "the killed server greyed out")
+    assert picture["live"] == sorted([names[a], names[b]]) and len(picture["edges"]) == 1
+    client.close()
