@@ -85,8 +85,8 @@ class Source(typing.Protocol):
         """Plain data, the shape of ``State.snapshot()`` (see ARCH.md) plus ``"version"``,
         ``"started_at"`` (unix time), ``"settings"`` (a dict, secrets left out),
         ``"client_count"`` and ``"client_bytes_queued"``. With ``clients=False`` the ``"clients"``
-        list is left out: copying 10,000 client records costs milliseconds, and only /connz needs
-        them."""
+        list is left out, with a ``slice`` it holds only that page: copying 10,000 client records
+        costs milliseconds, and only /connz needs a page of them."""
 
     def health(self):
         """None while healthy, else what is failing, in words (a durable store's error, say)."""
@@ -153,9 +153,9 @@ def whole_number(text, name, low, high):
 
 
 def connz(snapshot, offset, limit):
-    clients = snapshot["clients"]
-    return {"total": len(clients), "offset": offset, "limit": limit,
-            "connections": clients[offset:offset + limit]}
+    """``snapshot`` holds the page of clients from ``offset`` (``snapshot(clients=slice)``)."""
+    return {"total": snapshot["client_count"], "offset": offset, "limit": limit,
+            "connections": snapshot["clients"][:limit]}
 
 
 def linksz(snapshot):
@@ -231,10 +231,12 @@ class RateMeter:
     def sample(self):
         self._samples.append((self.clock(), self._values()))  # deque.append is atomic
 
-    def rates(self):
-        """``{rate name: per second}``; None in the first moments after start."""
+    def rates(self, counter_values=None):
+        """``{rate name: per second}``; None in the first moments after start. Give the
+        ``counter_values`` just read, if any, so they are not read twice."""
         t0, first = self._samples[0]
-        now, values = self.clock(), self._values()
+        now = self.clock()
+        values = self._values() if counter_values is None else tuple(counter_values[name] for name in RATED)
         if now - t0 < self.MIN_SPAN:
             return dict.fromkeys(RATED.values())
         return {name: round((b - a) / (now - t0), 3) for name, a, b in zip(RATED.values(), first, values)}
@@ -465,13 +467,13 @@ def route_healthz(monitor, _query):
 
 
 def route_varz(monitor, _query):
-    return 200, varz(monitor.source.snapshot(clients=False), monitor.source.counter_values(),
-                     monitor.rates.rates(), time.time())
+    counters = monitor.source.counter_values()
+    return 200, varz(monitor.source.snapshot(clients=False), counters, monitor.rates.rates(counters), time.time())
 
 
 def route_connz(monitor, query):
     offset, limit = page_bounds(query)
-    return 200, connz(monitor.source.snapshot(clients=True), offset, limit)
+    return 200, connz(monitor.source.snapshot(clients=slice(offset, offset + limit)), offset, limit)
 
 
 def route_linksz(monitor, _query):

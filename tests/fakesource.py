@@ -52,8 +52,10 @@ class FakeSource:
             "version": __version__, "started_at": self.started_at,
             "settings": {"local_port": self.port, "history": 100000, "max_outbox": 16777216},
         }
-        if clients:
+        if clients is True:
             snapshot["clients"] = [dict(c) for c in self.clients]
+        elif isinstance(clients, slice):
+            snapshot["clients"] = [dict(c) for c in self.clients[clients]]
         return snapshot
 
     def counter_values(self):
