@@ -165,17 +165,21 @@ def monitor_scrape(ctx, clients, samples):
         try:
             connected, _seconds = log_in_many([a.port], clients, ctx.progress, alone=True)
             wait_for_count(address, clients)
-            timings, cpu = {}, {}
+            timings, cpu, answers = {}, {}, {}
             pages = [f"/connz?offset={offset}&limit=1000" for offset in range(0, clients, 1000)]
             for path, paths in (("/varz", ["/varz"] * samples), ("/metrics", ["/metrics"] * samples),
                                 ("/connz", pages * max(1, samples // len(pages)))):
                 before = a.cpu_seconds()
-                timings[path] = timed(ctx, address, paths)
+                timings[path], answers[path] = timed(ctx, address, paths)
                 cpu[path] = (a.cpu_seconds() - before) / len(paths)
             ctx.memory(cluster)
         finally:
             close_all(connected)
     ctx.details["milliseconds"] = {path: [round(1000 * s, 3) for s in values] for path, values in timings.items()}
+    listed = [record["id"] for body in answers["/connz"][:len(pages)] for record in json.loads(body)["connections"]]
+    ctx.row("/connz pages: clients missing or listed twice", abs(clients - len(set(listed))) + len(listed)
+            - len(set(listed)), "clients", Target("==", 0), f"{len(listed):,} listed in {len(pages)} pages",
+            check=True)
     for path, target in (("/varz", 10), ("/metrics", 10), ("/connz", 50)):
         values = sorted(timings[path])
         what = "a page of 1,000 clients" if path == "/connz" else "one scrape"
@@ -197,13 +201,15 @@ def wait_for_count(address, clients, timeout=60.0):
 
 
 def timed(ctx, address, paths):
-    """Seconds for each fetch of ``paths``, one after another; every answer must be 200."""
-    seconds = []
+    """Seconds for each fetch of ``paths``, one after another, and the bodies; every answer must
+    be 200."""
+    seconds, bodies = [], []
     for number, path in enumerate(paths):
         status, body, took = fetch(address, path)
         if status != 200:
             raise BenchmarkError(f"{path} answered {status}: {body[:200]!r}")
         seconds.append(took)
+        bodies.append(body)
         ctx.progress.update(f"{path.split('?')[0]} {number + 1} of {len(paths)}")
         time.sleep(0.02)  # a scraper's pace, not a flood
-    return seconds
+    return seconds, bodies
