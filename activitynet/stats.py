@@ -6,10 +6,16 @@ per activity. The monitor only reads them (an int read is atomic), at scrape tim
 
 ``+=`` on an attribute is a read, an add and a write: two threads bumping the same counter at
 once can lose one. So every counter is bumped either under the state lock (all the activity,
-login and link counters: their events are decided there anyway) or by the one thread that owns
-it (a connection's bytes are summed by its reader thread and added under the lock when it ends, or
-in batches). The field table ``FIELDS`` is the one list of counters: ``/varz``, ``/metrics`` and
+login, link and refusal counters: their events are decided there anyway, see ``state``) or by
+the one thread that owns it (``connections_accepted``, by the accept loop). Bytes are counted
+per connection (read by its reader thread, written under its outbox lock) and added to
+``bytes_in``/``bytes_out`` when the connection closes; ``State.traffic()`` adds the open ones at
+read time. The field table ``FIELDS`` is the one list of counters: ``/varz``, ``/metrics`` and
 the tests all read it, so a new counter is added in exactly one place.
+
+Where the rate limiter (issue 11) counts: ``clients_rate_limited`` under the state lock when a
+client is refused or cut for its rate, and the refusal as an ``InvalidMessage`` of kind
+``rate_limited`` (the server counts every INVALID_MESSAGE by its ``kind``).
 """
 
 import dataclasses
@@ -45,7 +51,7 @@ FIELDS = (
     Field("activities_from_servers", "activitynet_activities_from_servers",
           "New activities received from server links (after de-duplication)."),
     Field("activities_relayed", "activitynet_activities_relayed",
-          "Activities sent on to server links (one per link sent to)."),
+          "Activities sent to server links (one per link sent to), live or as a link's backlog."),
     Field("activities_delivered", "activitynet_activities_delivered",
           "Activities delivered to clients (one per client delivered to)."),
     Field("activities_deduplicated", "activitynet_activities_deduplicated",
@@ -63,9 +69,10 @@ FIELDS = (
     Field("clients_rate_limited", "activitynet_rate_limited_clients",
           "Clients refused or cut for sending faster than the rate limit."),
     Field("recoveries_run", "activitynet_recoveries",
-          "Recovery routines run on new server links."),
+          "Recovery routines run (one per new server link)."),
     Field("activities_recovered", "activitynet_recovered_activities",
-          "Activities received through a recovery routine that this server lacked."),
+          "New activities received on a server link that were sent before the link came up "
+          "(its backlog), by their id's send time."),
 )
 
 
