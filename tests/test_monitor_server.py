@@ -359,3 +359,22 @@ def test_the_status_command_draws_a_real_network(make_process):
     gathered = json.loads(done.stdout)
     assert gathered["varz"][f"127.0.0.1:{b.port}"]["counts"]["clients"] == 1
     client.close()
+
+
+def test_a_network_map_plugs_into_networkz():
+    """Until the self-healing network map exists the server shows its neighbours; a map plugged
+    in as ``server.network_map`` (a callable giving servers and links) replaces them."""
+    server = LocalServer(monitor_port=0)
+    monitor = "%s:%d" % server.server.monitor.address
+    me = f"127.0.0.1:{server.port}"
+    try:
+        assert get(monitor, "/networkz")[1]["source"] == "neighbours"
+        server.server.network_map = lambda: {
+            "servers": [{"address": me}, {"address": "127.0.0.1:1", "load": 4, "monitor": "127.0.0.1:2"}],
+            "links": [{"a": me, "b": "127.0.0.1:1"}], "root": me}
+        status, network = get(monitor, "/networkz")
+        assert status == 200 and network["source"] == "network map" and network["root"] == me
+        far = next(s for s in network["servers"] if s["address"] == "127.0.0.1:1")
+        assert (far["load"], far["monitor"], far["links"]) == (4, "127.0.0.1:2", 1)
+    finally:
+        server.stop()
