@@ -64,3 +64,18 @@ def test_the_installed_package_carries_the_monitor_page(tmp_path):
     where, files = json.loads(result.stdout)
     assert "site-packages" in where, f"not the installed copy: {where}"
     assert files == ["index.html", "map.css", "map.js"]
+
+
+def test_the_installed_client_runs_both_ways(tmp_path):
+    """``python -m activitynet.client`` and the ``activitynet-client`` script, from the installed
+    package (the client is a package of its own: library and terminal program)."""
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    script = os.path.join(os.path.dirname(sys.executable), "activitynet-client")
+    for argv in ([sys.executable, "-m", "activitynet.client", "--help"], [script, "--help"]):
+        result = subprocess.run(argv, cwd=tmp_path, env=env, capture_output=True, text=True,
+                                timeout=60)
+        assert result.returncode == 0, result.stderr
+        assert result.stdout.startswith("activitynet client:") and "--servers" in result.stdout
+    where = installed_python(tmp_path, "import activitynet.client as c; print(c.Client.__module__, c.__file__)")
+    assert where.returncode == 0, where.stderr
+    assert where.stdout.startswith("activitynet.client.library ") and "site-packages" in where.stdout
