@@ -338,16 +338,20 @@ class MonitorHTTPServer(http.server.ThreadingHTTPServer):
             refuse_busy(request)
             self.shutdown_request(request)
             return
+        # tracked from here, not from inside its thread: ``cut_requests`` must also reach a
+        # request whose thread has not run yet (a browser's preconnect sends nothing for seconds)
+        with self._active_lock:
+            self._active.add(request)
         try:
             super().process_request(request, client_address)
         except Exception:  # no thread could be started: this request only
+            with self._active_lock:
+                self._active.discard(request)
             self.slots.release()
             log.exception("monitor: cannot serve a request")
             self.shutdown_request(request)
 
     def process_request_thread(self, request, client_address):
-        with self._active_lock:
-            self._active.add(request)
         try:
             super().process_request_thread(request, client_address)
         finally:
