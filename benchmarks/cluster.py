@@ -1,28 +1,17 @@
-"""Real servers as processes, their memory, and a relay that can cut a link between two of them.
+"""The servers of a scenario: real processes and relays (``activitynet.testing``, shared with the
+tests: ``ServerProcess``, and ``Relay``, which can cut a link between two of them).
 
 Every server is ``python -m activitynet.server -lp 0 ... --bind 127.0.0.1 -lh 127.0.0.1``, found
 by the ``listening on HOST:PORT`` line it logs at start. A ``Cluster`` owns the servers of one
 scenario and stops them all when its ``with`` block ends, however it ends (failure, Ctrl-C).
 """
 
-import contextlib
-import os
-import re
 import resource
-import selectors
-import socket
-import struct
 import subprocess
-import sys
-import threading
-import time
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-HOST = "127.0.0.1"
+from activitynet.testing import HOST, Relay, ServerDidNotStart, ServerProcess
+
 SECRET = "bench-secret"
-START_TIMEOUT = 20.0
-LISTENING = re.compile(r"listening on \S+:(\d+)")
 
 
 class BenchmarkError(Exception):
@@ -39,132 +28,11 @@ def raise_open_files_limit(wanted):
     return soft
 
 
-def memory_kib(pid):
-    """(VmRSS, VmHWM) of a process in KiB, from /proc/<pid>/status; (None, None) once it is gone."""
-    rss = hwm = None
+def wait_listening(server):
     try:
-        with open(f"/proc/{pid}/status") as f:
-            for line in f:
-                if line.startswith("VmRSS:"):
-                    rss = int(line.split()[1])
-                elif line.startswith("VmHWM:"):
-                    hwm = int(line.split()[1])
-    except OSError:
-        pass
-    return rss, hwm
-
-
-_TICKS = os.sysconf("SC_CLK_TCK")
-
-
-def cpu_seconds(pid):
-    """User + system CPU time of a process (all its threads), or None once it is gone."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            fields = f.read().rsplit(")", 1)[1].split()
-    except OSError:
-        return None
-    return (int(fields[11]) + int(fields[12])) / _TICKS
-
-
-class ServerProcess:
-    """One ``python -m activitynet.server`` process."""
-
-    def __init__(self, name, remote_port=None, secret=SECRET, interval=500, extra=()):
-        self.name = name
-        self.remote_port = remote_port
-        self.secret = secret
-        self.interval = interval
-        self.extra = list(extra)
-        self.proc = None
-        self.port = None
-        self.started_at = None  # perf_counter when the process was spawned
-        self.listening_at = None  # perf_counter when its "listening on" line was read
-        self.peak_rss_kib = None
-        self.rss_kib = None
-        self._log = []
-        self._log_lock = threading.Lock()
-        self._listening = threading.Event()
-
-    def command(self):
-        args = [sys.executable, "-m", "activitynet.server", "-lp", "0", "-lh", HOST, "--bind", HOST, "-s", self.secret,
-                                  "-a", str(self.interval)]
-        if self.remote_port is not None:
-            args += ["-rh", HOST, "-rp", str(self.remote_port)]
-        return args + self.extra
-
-    def start(self):
-        env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-        self.started_at = time.perf_counter()
-        self.proc = subprocess.Popen(self.command(), cwd=str(ROOT), env=env, stdin=subprocess.DEVNULL,
-                                     stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-        threading.Thread(target=self._drain, name=f"log-{self.name}", daemon=True).start()
-        return self
-
-    def wait_listening(self, timeout=START_TIMEOUT):
-        if not self._listening.wait(timeout) or self.port is None:
-            raise BenchmarkError(f"server {self.name} did not start listening within {timeout} s:\n"
-                                 + self.log_text()[-3000:])
-        return self
-
-    def _drain(self):
-        for raw in self.proc.stderr:
-            line = raw.decode(errors="replace")
-            if self.port is None:
-                match = LISTENING.search(line)
-                if match:
-                    self.listening_at = time.perf_counter()
-                    self.port = int(match.group(1))
-                    self._listening.set()
-            with self._log_lock:
-                self._log.append(line)
-        self._listening.set()  # EOF: wake a waiter, who sees port is None
-
-    def log_text(self):
-        with self._log_lock:
-            return "".join(self._log)
-
-    def tracebacks(self):
-        with self._log_lock:
-            return sum(1 for line in self._log if line.startswith("Traceback"))
-
-    @property
-    def pid(self):
-        return self.proc.pid
-
-    def alive(self):
-        return self.proc is not None and self.proc.poll() is None
-
-    def memory_mib(self):
-        """(current RSS, peak RSS) in MiB, remembered so they can be read after the stop."""
-        rss, hwm = memory_kib(self.proc.pid)
-        if rss is not None:
-            self.rss_kib, self.peak_rss_kib = rss, hwm
-        return (None if self.rss_kib is None else self.rss_kib / 1024,
-                None if self.peak_rss_kib is None else self.peak_rss_kib / 1024)
-
-    def cpu_seconds(self):
-        return cpu_seconds(self.proc.pid)
-
-    def threads(self):
-        """How many threads the server has (one per connection, plus a few), or None."""
-        try:
-            return len(os.listdir(f"/proc/{self.proc.pid}/task"))
-        except OSError:
-            return None
-
-    def stop(self, timeout=10.0):
-        """SIGTERM (SIGKILL after ``timeout``); records the peak RSS first."""
-        if self.proc is None or self.proc.poll() is not None:
-            return
-        self.memory_mib()
-        with contextlib.suppress(ProcessLookupError):
-            self.proc.terminate()
-        try:
-            self.proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
+        server.wait_listening()
+    except ServerDidNotStart as exc:
+        raise BenchmarkError(str(exc)) from None
 
 
 class Cluster:
@@ -194,12 +62,12 @@ class Cluster:
             hook()
 
     def start(self, name, remote_port=None, extra=(), wait=True):
-        server = ServerProcess(name, remote_port=remote_port, interval=self.interval,
-                               extra=self.extra + list(extra))
+        server = ServerProcess(name, remote_port=remote_port, secret=SECRET, interval=self.interval,
+                               extra=self.extra + list(extra), stdout=subprocess.DEVNULL)
         self.servers.append(server)
-        server.start()
+        server.spawn()
         if wait:
-            server.wait_listening()
+            wait_listening(server)
         for hook in self.on_start:
             hook(server)
         return server
@@ -216,192 +84,3 @@ class Cluster:
     def memory_mib(self):
         """{server name: (rss, peak rss)} in MiB, right now."""
         return {server.name: server.memory_mib() for server in self.servers}
-
-
-# --- a link that can be cut ---------------------------------------------------------------------
-
-_RESET = struct.pack("ii", 1, 0)  # SO_LINGER on, 0 s: close() sends RST
-
-
-def _reset(sock):
-    with contextlib.suppress(OSError):
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _RESET)
-    with contextlib.suppress(OSError):
-        sock.close()
-
-
-class _Pair:
-    __slots__ = ("dialler", "upstream", "dead")
-
-    def __init__(self, dialler, upstream):
-        self.dialler = dialler
-        self.upstream = upstream  # None for a connection accepted while cut
-        self.dead = upstream is None  # a black hole: read and discard, send nothing
-
-
-class Relay:
-    """A TCP relay between a dialling server and ``target_port``, run by one thread.
-
-    ``cut()`` is a cable cut: the link goes silent both ways and bytes in flight are lost (read
-    and discarded); connections made while cut are black holes too, so each server only notices
-    through its heartbeat timeout. ``heal()`` resets the dead connections (what a peer that had
-    given up answers once packets flow again) and relays new ones. Bytes are counted per direction
-    so a test can see how much recovery sent.
-    """
-
-    def __init__(self, target_port):
-        self.target_port = target_port
-        self._listener = socket.create_server((HOST, 0))
-        self.port = self._listener.getsockname()[1]
-        self._lock = threading.Lock()  # guards _pairs, _cut, counters
-        self._pairs = []
-        self._cut = False
-        self.to_target = 0  # bytes relayed dialler -> target
-        self.to_dialler = 0  # bytes relayed target -> dialler
-        self.accepted = 0
-        self.accepted_at = []  # perf_counter of each relayed (live) connection
-        self._selector = selectors.DefaultSelector()
-        self._wake_r, self._wake_w = socket.socketpair()
-        self._pending = []  # actions for the relay thread
-        self._stopping = False
-        self._selector.register(self._listener, selectors.EVENT_READ, "accept")
-        self._selector.register(self._wake_r, selectors.EVENT_READ, "wake")
-        self._thread = threading.Thread(target=self._run, name=f"relay-{self.port}", daemon=True)
-        self._thread.start()
-
-    def bytes_relayed(self):
-        with self._lock:
-            return self.to_target + self.to_dialler
-
-    def cut(self):
-        self._call("cut")
-
-    def heal(self):
-        self._call("heal")
-
-    def close(self):
-        self._call("stop")
-        self._thread.join(timeout=5)
-
-    def _call(self, action):
-        done = threading.Event()
-        with self._lock:
-            self._pending.append((action, done))
-        with contextlib.suppress(OSError):
-            self._wake_w.send(b"x")
-        if not done.wait(5):
-            raise BenchmarkError(f"relay did not {action}")
-
-    def _run(self):
-        try:
-            while not self._stopping:
-                for key, _mask in self._selector.select(1.0):
-                    if key.data == "accept":
-                        self._accept()
-                    elif key.data == "wake":
-                        self._wake_r.recv(4096)
-                        self._do_pending()
-                    else:
-                        self._pump(key.fileobj, *key.data)
-        finally:
-            for pair in self._pairs:
-                self._drop(pair, reset=True)
-            for sock in (self._listener, self._wake_r, self._wake_w):
-                with contextlib.suppress(OSError):
-                    sock.close()
-            self._selector.close()
-
-    def _do_pending(self):
-        with self._lock:
-            pending, self._pending = self._pending, []
-        for action, done in pending:
-            if action == "cut":
-                with self._lock:
-                    self._cut = True
-                for pair in self._pairs:
-                    pair.dead = True
-            elif action == "heal":
-                for pair in list(self._pairs):
-                    self._drop(pair, reset=True)
-                with self._lock:
-                    self._cut = False
-            elif action == "stop":
-                self._stopping = True
-            done.set()
-
-    def _accept(self):
-        try:
-            dialler, _ = self._listener.accept()
-        except OSError:
-            return
-        upstream = None
-        with self._lock:
-            cut = self._cut
-        if not cut:
-            try:
-                upstream = socket.create_connection((HOST, self.target_port), timeout=5)
-            except OSError:
-                _reset(dialler)
-                return
-            for sock in (dialler, upstream):
-                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-                sock.settimeout(10)
-            with self._lock:
-                self.accepted += 1
-                self.accepted_at.append(time.perf_counter())
-        pair = _Pair(dialler, upstream)
-        self._pairs.append(pair)
-        self._selector.register(dialler, selectors.EVENT_READ, (pair, True))
-        if upstream is not None:
-            self._selector.register(upstream, selectors.EVENT_READ, (pair, False))
-
-    def _pump(self, sock, pair, from_dialler):
-        try:
-            data = sock.recv(1 << 20)
-        except OSError:
-            data = b""
-        if not data:
-            if pair.dead:  # one end gave up; the other end hears nothing of it (cut cable)
-                self._close_end(pair, sock)
-            else:
-                self._drop(pair, reset=False)
-            return
-        if pair.dead:
-            return  # lost on the cut cable
-        other = pair.upstream if from_dialler else pair.dialler
-        try:
-            other.sendall(data)
-        except OSError:
-            self._drop(pair, reset=False)
-            return
-        with self._lock:
-            if from_dialler:
-                self.to_target += len(data)
-            else:
-                self.to_dialler += len(data)
-
-    def _close_end(self, pair, sock):
-        with contextlib.suppress(KeyError, ValueError, OSError):
-            self._selector.unregister(sock)
-        with contextlib.suppress(OSError):
-            sock.close()
-        if sock is pair.dialler:
-            pair.dialler = None
-        else:
-            pair.upstream = None
-        if pair.dialler is None and pair.upstream is None and pair in self._pairs:
-            self._pairs.remove(pair)
-
-    def _drop(self, pair, reset):
-        if pair in self._pairs:
-            self._pairs.remove(pair)
-        for sock in (pair.dialler, pair.upstream):
-            if sock is None:
-                continue
-            with contextlib.suppress(KeyError, ValueError, OSError):
-                self._selector.unregister(sock)
-            if reset:
-                _reset(sock)
-            else:
-                with contextlib.suppress(OSError):
-                    sock.close()

@@ -22,7 +22,6 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from activitynet import __version__, stats
 from harness import ROOT, SECRET, LineClient, LocalServer, activity, login, register, wait_until
-from netcut import Relay
 from test_outbox import sluggish_client, stream
 
 MONITORED = ["--monitor-port", "0"]
@@ -246,38 +245,35 @@ def test_a_slow_consumer_cut_is_counted(make_process):
     stuck.close()
 
 
-def test_a_recovery_is_counted_with_the_activities_it_brought(make_process):
+def test_a_recovery_is_counted_with_the_activities_it_brought(make_process, make_relay):
     """a <-relay- b: the cable is cut, a's client sends, the cable heals; b recovers them."""
     a = make_process(extra=MONITORED)
-    relay = Relay(a.port)
-    try:
-        b = make_process(remote_port=relay.port, extra=MONITORED)
-        on_a, on_b = monitor_of(a), monitor_of(b)
-        wait_counter(on_b, "recoveries_run", 1)
-        wait_until(lambda: [l["live"] for l in get(on_b, "/linksz")[1]["links"]] == [True], LONG,
-                   message="b's link live")
-        sender, receiver = login(a.port), login(b.port)
-        activity(sender, {"n": 0})
-        assert sender.expect("ACTIVITY_BROADCAST")["activity"]["n"] == 0
-        assert receiver.expect("ACTIVITY_BROADCAST")["activity"]["n"] == 0
-        assert counters(on_b)["activities_recovered"] == 0, "live traffic is not recovered"
+    relay = make_relay(a.port)
+    b = make_process(remote_port=relay.port, extra=MONITORED)
+    on_a, on_b = monitor_of(a), monitor_of(b)
+    wait_counter(on_b, "recoveries_run", 1)
+    wait_until(lambda: [l["live"] for l in get(on_b, "/linksz")[1]["links"]] == [True], LONG,
+               message="b's link live")
+    sender, receiver = login(a.port), login(b.port)
+    activity(sender, {"n": 0})
+    assert sender.expect("ACTIVITY_BROADCAST")["activity"]["n"] == 0
+    assert receiver.expect("ACTIVITY_BROADCAST")["activity"]["n"] == 0
+    assert counters(on_b)["activities_recovered"] == 0, "live traffic is not recovered"
 
-        relay.cut()
-        wait_until(lambda: get(on_a, "/linksz")[1]["total"] == 0, LONG, message="a notices the cut")
-        for n in range(1, 6):
-            activity(sender, {"n": n})
-            assert sender.expect("ACTIVITY_BROADCAST")["activity"]["n"] == n
-        relay.heal()
-        for n in range(1, 6):
-            assert receiver.expect("ACTIVITY_BROADCAST", timeout=LONG)["activity"]["n"] == n
-        got = wait_counter(on_b, "activities_recovered", 5)
-        assert got == 5
-        assert counters(on_b)["recoveries_run"] >= 2 and counters(on_a)["recoveries_run"] >= 2
-        wait_until(lambda: [l["phase"] for l in get(on_b, "/linksz")[1]["links"]] == ["live"], LONG,
-                   message="b's new link live")
-        assert metrics(on_b)["activitynet_recovered_activities_total"] == 5
-    finally:
-        relay.close()
+    relay.cut()
+    wait_until(lambda: get(on_a, "/linksz")[1]["total"] == 0, LONG, message="a notices the cut")
+    for n in range(1, 6):
+        activity(sender, {"n": n})
+        assert sender.expect("ACTIVITY_BROADCAST")["activity"]["n"] == n
+    relay.heal()
+    for n in range(1, 6):
+        assert receiver.expect("ACTIVITY_BROADCAST", timeout=LONG)["activity"]["n"] == n
+    got = wait_counter(on_b, "activities_recovered", 5)
+    assert got == 5
+    assert counters(on_b)["recoveries_run"] >= 2 and counters(on_a)["recoveries_run"] >= 2
+    wait_until(lambda: [l["phase"] for l in get(on_b, "/linksz")[1]["links"]] == ["live"], LONG,
+               message="b's new link live")
+    assert metrics(on_b)["activitynet_recovered_activities_total"] == 5
 
 
 # --- start, stop, health, logs --------------------------------------------------------------------
