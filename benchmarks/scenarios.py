@@ -701,3 +701,4 @@ def memory_history(ctx, count):
 
 
 from . import curves  # noqa: E402,F401  (the scaling curves register themselves here too)
+from . import monitoring  # noqa: E402,F401  (the monitor's scenarios register themselves here too)
