@@ -174,13 +174,15 @@ class TlsTransport:
     reader (b"" at EOF), ``send_some(view)`` never blocks (0 when it would), ``fileno()``,
     ``shutdown()``, ``close()``, ``peer``. See the module docstring for the locking."""
 
-    __slots__ = ("_ssl", "_lock", "_poll", "_pending", "_closed", "peer", "version", "peer_cert")
+    __slots__ = ("_ssl", "_lock", "_poll", "_pending", "_closed", "_waiting", "peer", "version",
+                 "peer_cert")
 
     def __init__(self, ssl_sock):
         self._ssl = ssl_sock
         self._lock = threading.Lock()  # held for each single non-blocking call into OpenSSL
         self._pending = 0  # length of a chunk OpenSSL took part of ("want write"); retried first
         self._closed = False
+        self._waiting = False  # the reader is in poll(), outside the lock
         try:
             self.peer = ssl_sock.getpeername()[:2]
         except OSError:
@@ -259,10 +261,16 @@ class TlsTransport:
                 if chunks:
                     return b"".join(chunks)
                 self._poll.modify(self._ssl.fileno(), wait)
+                self._waiting = True  # close() now leaves the descriptor to us (see close)
             try:
                 self._poll.poll()  # outside the lock: writers go on while this reader waits
             except OSError:
-                return b""
+                pass
+            with self._lock:
+                self._waiting = False
+                if self._closed:
+                    self._release()
+                    return b""
 
     def send_some(self, view):
         """Encrypt and hand to the kernel as much of ``view`` as it takes now; returns how many
@@ -292,9 +300,15 @@ class TlsTransport:
             socket.socket.shutdown(self._ssl, socket.SHUT_RDWR)
 
     def close(self):
+        """Idempotent. The descriptor is closed here, or, while a reader waits in ``poll``, by
+        that reader once ``shutdown`` has woken it: closed under its feet, the number could be
+        reused by a new connection and the reader would wait on a stranger's socket."""
         self.shutdown()
         with self._lock:  # never free the SSL object while a call is inside it
-            with contextlib.suppress(OSError):
-                self._poll.unregister(self._ssl.fileno())
-            self._ssl.close()
+            if not self._waiting:
+                self._release()
+
+    def _release(self):
+        """Close the descriptor (call with the lock held)."""
+        self._ssl.close()
 

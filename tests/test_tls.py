@@ -308,6 +308,22 @@ def test_shutdown_wakes_a_reader_blocked_in_recv(pair, contexts):
         server.send_some(memoryview(b"late"))
 
 
+def test_close_while_a_reader_waits_ends_the_reader_not_the_process(pair, contexts):
+    """What Connection.close does from another thread (the deadline thread, a slow-consumer
+    cut): the waiting reader returns b"" and nothing raises in either thread."""
+    server, client = handshake(pair, *contexts)
+    results = []
+    reader = threading.Thread(target=lambda: results.append(server.recv()))
+    reader.start()
+    wait_until(lambda: blocked_in_recv(reader), message="the reader to wait in recv")
+    server.close()
+    reader.join(TIMEOUT)
+    assert results == [b""]
+    assert server.fileno() == -1, "the woken reader closes the descriptor it was waiting on"
+    server.close()  # idempotent
+    client.close()
+
+
 def test_the_peer_closing_is_eof(pair, contexts):
     server, client = handshake(pair, *contexts)
     send_all(client, b"last words\n")
