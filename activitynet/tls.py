@@ -109,8 +109,11 @@ def check_files(cert, key, ca):
     try:
         _memory_handshake(server, probe)
     except ssl.SSLError as exc:
-        raise TlsConfigError(f"--tls-cert {cert} does not verify against --tls-ca {ca}: "
-                             f"{_why(exc, 'handshake failed')}") from None
+        why = _why(exc, "handshake failed")
+        if "purpose" in why:
+            why += (" (a server both listens and dials, so its certificate's extendedKeyUsage must "
+                    "allow serverAuth and clientAuth, or be left out)")
+        raise TlsConfigError(f"--tls-cert {cert} does not verify against --tls-ca {ca}: {why}") from None
     return server, client
 
 

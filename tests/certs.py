@@ -1,7 +1,8 @@
 """Test certificates, made at run time with the ``openssl`` command (Debian package ``openssl``).
 
 ``make_certs(directory)`` writes two independent CAs and, for each, a certificate naming
-``localhost`` and ``127.0.0.1`` (good for serving and for dialling). Keys are P-256: a few
+``localhost`` and ``127.0.0.1`` (good for serving and for dialling), plus one of the first CA
+that may only serve. Keys are P-256: a few
 milliseconds each. Nothing is downloaded and nothing is kept between test runs.
 """
 
@@ -17,7 +18,7 @@ DAYS = "2"
 LEAF_EXTENSIONS = """\
 basicConstraints = critical, CA:FALSE
 keyUsage = critical, digitalSignature
-extendedKeyUsage = serverAuth, clientAuth
+extendedKeyUsage = {usage}
 subjectAltName = DNS:localhost, IP:127.0.0.1
 subjectKeyIdentifier = hash
 authorityKeyIdentifier = keyid, issuer
@@ -35,6 +36,7 @@ class Identity:
 class CertSet:
     server: Identity  # signed by the network's CA
     other: Identity  # signed by another CA: must be refused by the network
+    server_only: Identity  # the network's CA, but may only serve: cannot dial another server
     ca: str
     other_ca: str
 
@@ -59,11 +61,11 @@ def _make_ca(name, cwd):
     return str(Path(cwd) / f"{name}.pem")
 
 
-def _make_leaf(name, ca, cwd):
+def _make_leaf(name, ca, cwd, usage="serverAuth, clientAuth"):
     _new_key(name, cwd)
     _openssl("req", "-new", "-key", f"{name}.key", "-out", f"{name}.csr", "-subj", "/CN=localhost",
              cwd=cwd)
-    (Path(cwd) / "leaf.ext").write_text(LEAF_EXTENSIONS)
+    (Path(cwd) / "leaf.ext").write_text(LEAF_EXTENSIONS.format(usage=usage))
     _openssl("x509", "-req", "-in", f"{name}.csr", "-CA", f"{ca}.pem", "-CAkey", f"{ca}.key",
              "-set_serial", "1", "-days", DAYS, "-extfile", "leaf.ext", "-out", f"{name}.pem", cwd=cwd)
     return Identity(cert=str(Path(cwd) / f"{name}.pem"), key=str(Path(cwd) / f"{name}.key"),
@@ -77,4 +79,5 @@ def make_certs(directory):
     other_ca = _make_ca("other-ca", directory)
     return CertSet(server=_make_leaf("server", "ca", directory),
                      other=_make_leaf("other", "other-ca", directory),
+                     server_only=_make_leaf("server-only", "ca", directory, usage="serverAuth"),
                      ca=ca, other_ca=other_ca)

@@ -102,6 +102,11 @@ def test_a_certificate_from_another_ca_is_refused_at_start_up(certs):
         tls.check_files(certs.other.cert, certs.other.key, certs.ca)
 
 
+def test_a_certificate_that_may_only_serve_is_refused_at_start_up_with_the_fix(certs):
+    with pytest.raises(TlsConfigError, match="certificate purpose .*serverAuth and clientAuth"):
+        tls.check_files(certs.server_only.cert, certs.server_only.key, certs.ca)
+
+
 def test_a_key_that_is_not_the_certificates_own_is_named(certs):
     with pytest.raises(TlsConfigError, match=r"--tls-key .*other\.key is not the key of the certificate"):
         tls.check_files(certs.server.cert, certs.other.key, certs.ca)
