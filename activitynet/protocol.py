@@ -134,9 +134,10 @@ class RegisterFailed(ProtocolError):
 # --- activity ids -------------------------------------------------------------------------------
 # Our ids are "<origin>:<seq>:<sent>": origin is 16 random hex digits chosen when a server process
 # starts, seq counts that process's activities from 1, sent is the wall-clock time it accepted the
-# activity, in ms. Foreign ids are opaque; ``parse_id`` returns None for them.
+# activity, in ms. Foreign ids are opaque; ``parse_id`` returns None for them. This is the one
+# place that knows the format.
 
-_OWN_ID = re.compile(r"([0-9a-f]{16}):([0-9]{1,18}):([0-9]{1,15})")
+_HEX = frozenset("0123456789abcdef")
 
 
 def new_origin():
@@ -148,11 +149,17 @@ def make_id(origin, seq, sent_ms):
 
 
 def parse_id(activity_id):
-    """(origin, seq, sent in ms) for one of our ids, None for a foreign one."""
-    match = _OWN_ID.fullmatch(activity_id)
-    if match is None:
+    """(origin, seq, sent in ms) for one of our ids, None for a foreign one.
+
+    Called for every activity and for a whole history on recovery, so it splits rather than
+    running a regular expression (about twice as fast)."""
+    origin, _, rest = activity_id.partition(":")
+    seq, _, sent = rest.partition(":")
+    if (len(origin) != 16 or not 0 < len(seq) <= 18 or not 0 < len(sent) <= 15
+            or not (seq.isascii() and seq.isdigit() and sent.isascii() and sent.isdigit())
+            or not _HEX.issuperset(origin)):
         return None
-    return match.group(1), int(match.group(2)), int(match.group(3))
+    return origin, int(seq), int(sent)
 
 
 # --- message builders ---------------------------------------------------------------------------
