@@ -16,15 +16,16 @@ limit that slows a peer down does so by making *that peer's own reader thread* w
 
 Defaults, and why
 -----------------
-``--rate-limit 200`` activities a second and ``--rate-burst 1000``. A script sending 5,000
-activities as fast as it can has 1,000 handled at once and the other 4,000 at 200 a second:
-all delivered in about 20 s, inside the 30 s the issue allows, with 10 s to spare on a slow
-machine. A person never comes close (IRC networks allow ~2 lines/s). A flooder gets 200/s: about
-0.4% of what one server relays (57,000/s measured), so it cannot take more than a fair share
-until hundreds of connections flood at once, and ``--max-pending-per-address`` /
-``--max-connections`` bound those. An activity costs one token per started ``COST_UNIT`` (4 KiB)
-of its line: a flooder sending big activities gets the same bytes as one sending small ones at
-most, about 800 KB/s in steady state, which a reader taking 1 MB/s keeps up with.
+``--rate-limit 500`` activities a second and ``--rate-burst 1000``, per client connection (not
+per address: marking scripts run every client from 127.0.0.1). A script sending 5,000 activities
+as fast as it can has 1,000 handled at once and the other 4,000 at 500 a second: all delivered in
+about 8 s, well inside the 30 s the issue allows. A person never comes close (IRC networks allow
+~2 lines/s), nor does a bot posting a few a second. A flooder gets 500/s: about 1% of what one
+server relays (57,000/s measured), so it cannot take more than a fair share until dozens of
+connections flood at once, and ``--max-pending-per-address`` / ``--max-connections`` bound
+those. An activity costs one token per started ``COST_UNIT`` (1,600 bytes) of its line: a
+flooder sending big activities gets no more bytes than one sending small ones, at most 800 KB/s
+in steady state, which a reader taking 1 MB/s keeps up with.
 
 ``--max-pending-per-address 2048``: marking scripts open 1,000 clients from one address at once
 (and test servers dial from the same address), so 1,024 would leave almost no margin; 2,048
@@ -45,9 +46,9 @@ from collections import OrderedDict
 
 log = logging.getLogger(__name__)
 
-DEFAULT_RATE = 200.0  # activities per second per client connection
+DEFAULT_RATE = 500.0  # activities per second per client connection
 DEFAULT_BURST = 1000
-COST_UNIT = 4096  # an activity line costs one token per started COST_UNIT bytes
+COST_UNIT = 1600  # an activity line costs one token per started COST_UNIT bytes (see above)
 DEFAULT_LOGIN_TIMEOUT = 30.0
 DEFAULT_MAX_PENDING_PER_ADDRESS = 2048
 FD_RESERVE = 128
@@ -301,13 +302,16 @@ class Deadlines:
         return items
 
     def close(self):
+        """Stop the thread; returns the items still waiting (not expired), for the caller."""
         with self._cond:
             self._closed = True
+            items = [item for _when, _seq, item in self._live.values()]
             self._live.clear()
             self._heap.clear()
             self._cond.notify()
         if self._thread.is_alive() and self._thread is not threading.current_thread():
             self._thread.join(timeout=5)
+        return items
 
     def _run(self):
         while True:
@@ -332,26 +336,27 @@ class SlowConsumerRule:
     a burst passes through. So past ``limit`` queued bytes the reader is *watched*: over each
     ``window`` seconds the bytes the kernel took from its outbox are counted, and it is cut only
     when it drained less than ``min_rate`` bytes a second over a whole window, or when the outbox
-    passes ``hard_limit`` (memory must stay bounded whatever happens). A reader back under
-    ``limit`` is no longer watched. ``judge`` is pure: the watch is a small tuple kept on the
-    connection, and the counters it reads (bytes queued, bytes the kernel took since start) are
-    ones the outbox keeps anyway. Judging happens when bytes are queued, so a reader nobody
-    sends to is never cut (its outbox does not grow)."""
+    passes ``hard_factor`` times ``limit`` (memory must stay bounded whatever happens). A reader
+    back under ``limit`` is no longer watched. ``judge`` is pure: the watch is a small tuple kept
+    on the connection, and the counters it reads (bytes queued, bytes the kernel took since
+    start) are ones the outbox keeps anyway. Judging happens when bytes are queued, so a reader
+    nobody sends to is never cut (its outbox does not grow). One rule serves every connection;
+    each passes its own ``limit`` (servers are trusted with a larger one)."""
 
-    def __init__(self, limit, min_rate=1_000_000, window=5.0, hard_factor=4):
-        self.limit = limit
-        self.hard_limit = limit * hard_factor
+    def __init__(self, min_rate=1_000_000, window=5.0, hard_factor=4):
         self.min_rate = min_rate
         self.window = window
+        self.hard_factor = hard_factor
 
-    def judge(self, queued, drained, now, watch):
+    def judge(self, limit, queued, drained, now, watch):
         """Returns ``(reason or None, watch)``: ``reason`` (a sentence for the log) when the
         reader must be cut; ``watch`` to keep on the connection for the next call (None when
         not watched). ``drained`` counts every byte the kernel ever took from this outbox."""
-        if queued <= self.limit:
+        if queued <= limit:
             return None, None
-        if queued > self.hard_limit:
-            return (f"{queued} bytes queued, more than the hard limit of {self.hard_limit}"), watch
+        hard_limit = limit * self.hard_factor
+        if queued > hard_limit:
+            return (f"{queued} bytes queued, more than the hard limit of {hard_limit}"), watch
         if watch is None:
             return None, (now, drained)
         since, drained_then = watch

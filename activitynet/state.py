@@ -24,6 +24,7 @@ import time
 
 from . import protocol, recovery
 from .connection import Outgoing
+from .credentials import same_secret
 from .history import History, Seen
 from .protocol import AuthenticationFail, InvalidMessage, LoginFailed, RegisterFailed, encode
 from .recovery import Step
@@ -84,10 +85,10 @@ class State:
 
     # --- sessions --------------------------------------------------------------------------
 
-    def open_session(self, outbox, address):
-        """A new connection; returns its Session (see ``session``)."""
+    def open_session(self, outbox, address, secure=False):
+        """A new connection (``secure``: over TLS); returns its Session (see ``session``)."""
         with self._locked:
-            session = Session(next(self._session_ids), outbox, address)
+            session = Session(next(self._session_ids), outbox, address, secure)
             self._sessions[session] = True
             return session
 
@@ -126,7 +127,7 @@ class State:
                     raise LoginFailed(f"attempt to login with wrong secret: {username} is not registered")
                 if secret is None:
                     raise LoginFailed(f"attempt to login with wrong secret: no secret given for {username}")
-                if known != secret:
+                if not same_secret(secret, known):
                     raise LoginFailed("attempt to login with wrong secret")
             session.role = CLIENT
             session.send(encode(protocol.info_message("LOGIN_SUCCESS", f"logged in as user {username}")))
@@ -150,7 +151,7 @@ class State:
             if username != session.username:
                 raise AuthenticationFail(f"the username {username} is not the one logged in on "
                                          f"this connection ({session.username})")
-            if username != ANONYMOUS and secret != session.secret:
+            if username != ANONYMOUS and not same_secret(secret, session.secret):
                 raise AuthenticationFail(f"the secret does not match the one of user {username}")
             activity["authenticated_user"] = username
             seq = next(self._seq)
@@ -337,7 +338,7 @@ class State:
                 return "ignored"
             self._users.add(username, secret)
             return "added"
-        if known == secret:
+        if same_secret(secret, known):
             return "same"
         self._delete_user(username)
         self._to_links(encode(protocol.user_conflict(username)))

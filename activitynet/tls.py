@@ -197,10 +197,16 @@ class TlsTransport:
         self._poll.register(ssl_sock.fileno(), select.POLLIN)
 
     @classmethod
-    def accept(cls, sock, context, timeout):
-        """Handshake as the server on an accepted socket (its first byte sniffed as "tls")."""
-        return cls._handshake(sock, timeout, lambda: context.wrap_socket(
-            sock, server_side=True, do_handshake_on_connect=False))
+    def accept(cls, sock, context, timeout, on_wrapped=None):
+        """Handshake as the server on an accepted socket (its first byte sniffed as "tls").
+        ``timeout`` None: no timeout of its own (the server's login deadline ends a stalled
+        handshake by shutting down the socket ``on_wrapped(ssl_sock)`` is given first)."""
+        def wrap():
+            ssl_sock = context.wrap_socket(sock, server_side=True, do_handshake_on_connect=False)
+            if on_wrapped is not None:
+                on_wrapped(ssl_sock)
+            return ssl_sock
+        return cls._handshake(sock, timeout, wrap)
 
     @classmethod
     def connect(cls, sock, context, hostname, timeout):

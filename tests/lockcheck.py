@@ -2,7 +2,7 @@
 lock is held (see activitynet/state.py).
 
 ``install(monkeypatch)`` makes every ``State`` created afterwards count, per thread, how deeply
-it holds its lock, and makes every ``PlainTransport`` record a violation when ``send_some``,
+it holds its lock, and makes every ``PlainTransport`` and ``TlsTransport`` record a violation when ``send_some``,
 ``shutdown`` or ``close`` is called by a thread holding a state lock. conftest.py installs it for
 every test; ``Watch.violations`` lists what happened where, and ``Watch.calls`` counts the
 transport calls seen, so a test can show the instrument was not idle.
@@ -12,7 +12,7 @@ import threading
 import traceback
 from collections import Counter
 
-from activitynet import connection, state
+from activitynet import connection, state, tls
 
 
 class Watch:
@@ -50,12 +50,13 @@ def install(monkeypatch):
             super().__exit__(*exc)
 
     monkeypatch.setattr(state, "_Locked", TrackedLocked)
-    for name in ("send_some", "shutdown", "close"):
-        method = getattr(connection.PlainTransport, name)
+    for transport in (connection.PlainTransport, tls.TlsTransport):
+        for name in ("send_some", "shutdown", "close"):
+            method = getattr(transport, name)
 
-        def checked(self, *args, _method=method, _name=name):
-            watch.record(_name)
-            return _method(self, *args)
+            def checked(self, *args, _method=method, _name=name):
+                watch.record(_name)
+                return _method(self, *args)
 
-        monkeypatch.setattr(connection.PlainTransport, name, checked)
+            monkeypatch.setattr(transport, name, checked)
     return watch

@@ -73,13 +73,13 @@ def test_rate_zero_turns_the_bucket_off():
     assert bucket.paused == 0
 
 
-def test_big_activities_cost_one_token_per_started_4_kib():
+def test_big_activities_cost_one_token_per_started_cost_unit():
     assert limits.activity_cost(1) == 1
-    assert limits.activity_cost(4096) == 1
-    assert limits.activity_cost(4097) == 2
-    assert limits.activity_cost(1024 * 1024) == 256
+    assert limits.activity_cost(1600) == 1
+    assert limits.activity_cost(1601) == 2
+    assert limits.activity_cost(1024 * 1024) == 656
     clock = Clock()
-    bucket = TokenBucket(rate=200, burst=1000, clock=clock)
+    bucket = TokenBucket(limits.DEFAULT_RATE, limits.DEFAULT_BURST, clock=clock)
     sent = 0
     while clock.now < 1000.0 + 60:  # a minute of 1 MiB activities as fast as the bucket allows
         clock.advance(bucket.take(limits.activity_cost(1024 * 1024)))
@@ -305,42 +305,45 @@ def test_a_failing_expire_call_does_not_end_the_others(caplog):
 MB = 1_000_000
 
 
+LIMIT = 16 * MB
+
+
 def test_a_reader_under_the_limit_is_not_watched():
-    rule = SlowConsumerRule(limit=16 * MB)
-    assert rule.judge(queued=16 * MB, drained=0, now=0.0, watch=None) == (None, None)
+    rule = SlowConsumerRule()
+    assert rule.judge(LIMIT, queued=16 * MB, drained=0, now=0.0, watch=None) == (None, None)
 
 
 def test_a_reader_that_stopped_reading_is_cut_after_one_window():
-    rule = SlowConsumerRule(limit=16 * MB, window=5.0)
-    reason, watch = rule.judge(17 * MB, drained=100, now=0.0, watch=None)
+    rule = SlowConsumerRule(window=5.0)
+    reason, watch = rule.judge(LIMIT, 17 * MB, drained=100, now=0.0, watch=None)
     assert reason is None and watch == (0.0, 100)
-    reason, watch = rule.judge(18 * MB, drained=100, now=4.9, watch=watch)
+    reason, watch = rule.judge(LIMIT, 18 * MB, drained=100, now=4.9, watch=watch)
     assert reason is None  # not a whole window yet
-    reason, _ = rule.judge(19 * MB, drained=100, now=5.0, watch=watch)
+    reason, _ = rule.judge(LIMIT, 19 * MB, drained=100, now=5.0, watch=watch)
     assert "reading only 0.00 MB/s" in reason
 
 
 def test_a_reader_drowned_by_a_burst_but_reading_1_mb_per_second_stays():
-    rule = SlowConsumerRule(limit=16 * MB, window=5.0)
+    rule = SlowConsumerRule(window=5.0)
     queued, drained, watch = 17 * MB, 0, None
     for second in range(30):  # 1.5 MB/s arrives, 1 MB/s is read: the outbox grows, slowly
-        reason, watch = rule.judge(queued, drained, float(second), watch)
+        reason, watch = rule.judge(LIMIT, queued, drained, float(second), watch)
         assert reason is None
         queued += MB // 2
         drained += MB
-    assert queued < rule.hard_limit
+    assert queued < LIMIT * rule.hard_factor
 
 
 def test_the_hard_limit_cuts_whatever_the_reading_rate():
-    rule = SlowConsumerRule(limit=16 * MB, hard_factor=4)
-    reason, _ = rule.judge(64 * MB + 1, drained=10**12, now=0.0, watch=(0.0, 0))
+    rule = SlowConsumerRule(hard_factor=4)
+    reason, _ = rule.judge(LIMIT, 64 * MB + 1, drained=10**12, now=0.0, watch=(0.0, 0))
     assert "hard limit" in reason
 
 
 def test_back_under_the_limit_the_watch_ends():
-    rule = SlowConsumerRule(limit=16 * MB)
-    _, watch = rule.judge(17 * MB, 0, 0.0, None)
-    assert rule.judge(1 * MB, 0, 1.0, watch) == (None, None)
+    rule = SlowConsumerRule()
+    _, watch = rule.judge(LIMIT, 17 * MB, 0, 0.0, None)
+    assert rule.judge(LIMIT, 1 * MB, 0, 1.0, watch) == (None, None)
 
 
 # --- LimitLog ------------------------------------------------------------------------------------
