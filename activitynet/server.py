@@ -57,6 +57,7 @@ the CA; the listening port serves plain and TLS connections, told apart by their
 import contextlib
 import dataclasses
 import logging
+import queue
 import resource
 import secrets
 import signal
@@ -212,7 +213,8 @@ class Server:
                                         throttle=LoginThrottle(), tls_required=settings.tls_required)
         self._conns_lock = threading.Lock()  # guards _conns
         self._conns = {}  # open Connection -> the thread serving it
-        self._threads = [Heartbeat(self.state, self.stopping)]
+        self._arrivals = queue.SimpleQueue()  # accepted, waiting for their thread; None: stop
+        self._threads = [Heartbeat(self.state, self.stopping), _Thread(self._spawn, "spawner")]
         if settings.remote_host:
             max_wait = min(max(settings.activity_interval, 100) / 1000, MAX_RETRY_WAIT)
             self._threads.append(Dialer(settings.remote_host, settings.remote_port, max_wait,
@@ -237,7 +239,6 @@ class Server:
         self.deadlines.start()
         self.lingering.start()
         login_timeout = self.settings.login_timeout
-        number = 0
         while not self.stopping.is_set():
             try:
                 sock, address = self.listener.accept()
@@ -252,17 +253,33 @@ class Server:
             except Refused as exc:
                 self._refuse(sock, address, str(exc))
                 continue
-            number += 1
             arrival = Arrival(sock, ticket)
             if login_timeout:
                 self.deadlines.add(arrival, time.monotonic() + login_timeout, arrival)
+            self._arrivals.put(arrival)
+
+    def _spawn(self):
+        """The spawner thread: one connection thread per arrival. Starting a thread waits until
+        it runs (a few hundred microseconds, more on a busy machine); done here rather than in
+        the accept loop, a burst of connections is accepted, and its deadlines counted, as it
+        comes, not as fast as threads can be started."""
+        number = 0
+        while True:
+            arrival = self._arrivals.get()
+            if arrival is None or self.stopping.is_set():
+                break
+            number += 1
             try:
                 threading.Thread(target=self._serve_accepted, args=(arrival,),
                                  name=f"conn-{number}", daemon=True).start()
             except Exception:  # e.g. no thread could be started; one connection, not the server
                 log.exception("cannot serve a new connection")
                 self._departed(arrival)
-                sock.close()
+                arrival.sock.close()
+        while arrival is not None:  # stopping: the ones never started are closed here
+            self._departed(arrival)
+            _close_quietly(arrival.sock)
+            arrival = self._arrivals.get()
 
     def _limits_said(self):
         """The start-up line's account of the limits (README.rst, "Limits")."""
@@ -466,6 +483,7 @@ class Server:
     def request_shutdown(self):
         """Stop accepting and close every connection; does not wait (safe in a signal handler)."""
         self.stopping.set()
+        self._arrivals.put(None)  # SimpleQueue.put is reentrant: safe here
         try:
             self.listener.shutdown(socket.SHUT_RDWR)  # wakes the blocked accept()
         except OSError:
@@ -503,6 +521,20 @@ def _ending_for(exc):
     if isinstance(exc, ProtocolError):
         return encode(exc.reply()), f"{exc.command}: {exc.info}", getattr(exc, "delay", 0.0)
     return (encode(exc.message) if exc.message else b""), exc.reason, 0.0
+
+
+class _Thread:
+    """A daemon thread with the start/join of the others in ``Server._threads``."""
+
+    def __init__(self, target, name):
+        self.thread = threading.Thread(target=target, name=name, daemon=True)
+
+    def start(self):
+        self.thread.start()
+
+    def join(self, timeout):
+        if self.thread.ident is not None:  # started
+            self.thread.join(timeout)
 
 
 def _close_quietly(sock):
