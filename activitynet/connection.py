@@ -80,44 +80,45 @@ class PlainTransport:
         self.sock.close()
 
 
-class _Sections(threading.local):
-    def __init__(self):
-        self.depth = 0
-        self.dirty = {}  # connections sent to in the current section (dict as ordered set)
-
-
 class Outgoing:
     """Per thread: the connections sent to inside the current section, flushed when the
-    outermost section ends (see the module docstring). ``begin``/``end`` nest."""
+    outermost section ends (see the module docstring). ``with outgoing:`` is a section; they
+    nest. ``holding(lock)`` gives the same sections with ``lock`` held inside them: taken once
+    the section is open, released before it ends and flushes."""
 
-    def __init__(self):
-        self._local = _Sections()
+    __slots__ = ("local", "lock")
 
-    def begin(self):
-        self._local.depth += 1
+    def __init__(self, local=None, lock=None):
+        self.local = local or threading.local()  # .depth and .dirty (dict as ordered set), per thread
+        self.lock = lock
 
-    def end(self):
-        local = self._local
-        local.depth -= 1
-        if local.depth == 0 and local.dirty:
-            dirty, local.dirty = local.dirty, {}
-            for conn in dirty:
-                conn.flush()
+    def holding(self, lock):
+        return Outgoing(self.local, lock)
 
     def __enter__(self):
-        self.begin()
+        local = self.local
+        depth = getattr(local, "depth", 0)
+        if not depth:
+            local.dirty = {}
+        local.depth = depth + 1
+        if self.lock is not None:
+            try:
+                self.lock.acquire()
+            except BaseException:
+                self.__exit__()
+                raise
         return self
 
     def __exit__(self, *exc):
-        self.end()
-
-    def note(self, conn):
-        """``conn`` has bytes queued: flush it at the end of this thread's section, or now."""
-        local = self._local
-        if local.depth:
-            local.dirty[conn] = True
-        else:
-            conn.flush()
+        if self.lock is not None:
+            self.lock.release()
+        local = self.local
+        local.depth -= 1
+        if not local.depth:
+            dirty = local.dirty
+            local.dirty = None
+            for conn in dirty:
+                conn.flush()
 
 
 class Poller:
@@ -277,7 +278,11 @@ class Connection:
                         self.max_outbox, self._queued, self._drained, time.monotonic(), self._watch)
             elif self._watch is not None:  # back under the limit: a later episode starts afresh
                 self._watch = None
-        self.outgoing.note(self)
+        dirty = getattr(self.outgoing.local, "dirty", None)
+        if dirty is None:  # outside any section: now
+            self.flush()
+        else:
+            dirty[self] = True
 
     def flush(self, resume=False):
         """Hand queued bytes to the kernel without blocking; the poller finishes what it refuses."""

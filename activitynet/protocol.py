@@ -137,7 +137,7 @@ class RegisterFailed(ProtocolError):
 # activity, in ms. Foreign ids are opaque; ``parse_id`` returns None for them. This is the one
 # place that knows the format.
 
-_HEX = frozenset("0123456789abcdef")
+_OWN_ID = re.compile(r"([0-9a-f]{16}):([0-9]{1,18}):([0-9]{1,15})")
 
 
 def new_origin():
@@ -149,17 +149,19 @@ def make_id(origin, seq, sent_ms):
 
 
 def parse_id(activity_id):
-    """(origin, seq, sent in ms) for one of our ids, None for a foreign one.
-
-    Called for every activity and for a whole history on recovery, so it splits rather than
-    running a regular expression (about twice as fast)."""
-    origin, _, rest = activity_id.partition(":")
-    seq, _, sent = rest.partition(":")
-    if (len(origin) != 16 or not 0 < len(seq) <= 18 or not 0 < len(sent) <= 15
-            or not (seq.isascii() and seq.isdigit() and sent.isascii() and sent.isdigit())
-            or not _HEX.issuperset(origin)):
+    """(origin, seq, sent in ms) for one of our ids, None for a foreign one."""
+    match = _OWN_ID.fullmatch(activity_id)
+    if match is None:
         return None
-    return origin, int(seq), int(sent)
+    return match.group(1), int(match.group(2)), int(match.group(3))
+
+
+def split_id(activity_id):
+    """(origin, seq) as the texts an id of ours would have there, unchecked: for scanning a whole
+    history, about three times cheaper than ``parse_id``. The caller checks the origin against
+    origins it knows (whose ids are ours) and the seq with ``str.isdigit``."""
+    origin, _, rest = activity_id.partition(":")
+    return origin, rest.partition(":")[0]
 
 
 # --- message builders ---------------------------------------------------------------------------

@@ -1,9 +1,9 @@
 """An instrument for the lock rule: no socket is written, shut down or closed while the state
 lock is held (see activitynet/state.py).
 
-``install(monkeypatch)`` makes every ``State`` created afterwards count, per thread, how deeply
-it holds its lock, and makes every ``PlainTransport`` and ``TlsTransport`` record a violation when ``send_some``,
-``shutdown`` or ``close`` is called by a thread holding a state lock. conftest.py installs it for
+``install(monkeypatch)`` gives every ``State`` created afterwards a lock that counts, per thread,
+how deeply it is held, and makes every ``PlainTransport`` and ``TlsTransport`` record a violation
+when ``send_some``, ``shutdown`` or ``close`` is called by a thread holding a state lock. conftest.py installs it for
 every test; ``Watch.violations`` lists what happened where, and ``Watch.calls`` counts the
 transport calls seen, so a test can show the instrument was not idle.
 """
@@ -34,22 +34,30 @@ class Watch:
                                        + "".join(traceback.format_stack(limit=12)))
 
 
+class TrackedLock:
+    """A state lock (reentrant, as State's own) that counts, per thread, how deeply it is held."""
+
+    def __init__(self, watch):
+        self._lock = threading.RLock()
+        self._watch = watch
+
+    def acquire(self):
+        self._lock.acquire()
+        self._watch.held.depth = self._watch.depth() + 1
+
+    def release(self):
+        self._watch.held.depth -= 1
+        self._lock.release()
+
+
 def install(monkeypatch):
     watch = Watch()
-    original = state._Locked
+    original_init = state.State.__init__
 
-    class TrackedLocked(original):
-        __slots__ = ()
+    def tracked_init(self, *args, lock=None, **kwargs):
+        original_init(self, *args, lock=lock or TrackedLock(watch), **kwargs)
 
-        def __enter__(self):
-            super().__enter__()
-            watch.held.depth = watch.depth() + 1
-
-        def __exit__(self, *exc):
-            watch.held.depth -= 1
-            super().__exit__(*exc)
-
-    monkeypatch.setattr(state, "_Locked", TrackedLocked)
+    monkeypatch.setattr(state.State, "__init__", tracked_init)
     for transport in (connection.PlainTransport, tls.TlsTransport):
         for name in ("send_some", "shutdown", "close"):
             method = getattr(transport, name)

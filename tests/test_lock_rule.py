@@ -16,7 +16,7 @@ def test_the_instrument_catches_a_send_under_the_state_lock(lock_rule):
     ours, theirs = socket.socketpair()
     transport = connection.PlainTransport(ours)
     try:
-        with state._locked:  # what no code may do
+        with state._locked:  # what no code may do (every verb writes after this block)
             transport.send_some(memoryview(b"x"))
         transport.send_some(memoryview(b"y"))  # after release: fine
         assert len(lock_rule.violations) == 1 and "send_some" in lock_rule.violations[0]
