@@ -14,6 +14,7 @@ import time
 
 import pytest
 
+from activitynet.client import Client
 from certs import OPENSSL, SKIP_REASON, make_certs
 from harness import ROOT, SECRET, LineClient, activity, login, wait_until
 
@@ -89,6 +90,28 @@ def test_plain_and_tls_clients_share_one_port(make_process, certs):
     messages = [plain.expect("ACTIVITY_BROADCAST")["activity"]["from"] for _ in range(2)]
     assert messages == ["plain", "tls"]
     assert secure.sock.version() == "TLSv1.3"
+
+
+def test_our_client_library_over_tls_talks_to_a_plain_client(make_process, certs):
+    server = make_process(extra=tls_flags(certs.server))
+    with Client("127.0.0.1", server.port, tls_ca=certs.ca, redirect_wait=0) as secure:
+        secure.login()
+        assert secure.sock.version() == "TLSv1.3"
+        plain = login(server.port)
+        activity(plain, {"to": "tls"})
+        assert _received(secure)["to"] == "tls"
+        secure.send_activity({"to": "plain"})
+        assert [plain.expect("ACTIVITY_BROADCAST")["activity"]["to"] for _ in range(2)] == ["tls", "plain"]
+    with pytest.raises(ssl.SSLCertVerificationError):  # a client trusting another CA
+        Client("127.0.0.1", server.port, tls_ca=certs.other_ca, redirect_wait=0).login()
+
+
+def _received(client):
+    while True:
+        message = client.recv(timeout=20)
+        assert message is not None, "the server closed the TLS client"
+        if message["command"] == "ACTIVITY_BROADCAST":
+            return message["activity"]
 
 
 def test_tls_required_refuses_a_plain_authenticate_before_any_user_is_sent(make_process, certs):
