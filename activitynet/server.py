@@ -55,7 +55,9 @@ the CA; the listening port serves plain and TLS connections, told apart by their
 """
 
 import contextlib
+import ctypes
 import dataclasses
+import itertools
 import logging
 import queue
 import resource
@@ -101,6 +103,11 @@ MIN_PAUSE = 0.05
 REFUSED_LINGER = 1.0
 REFUSED_LINGERING = 64
 TLS_HANDSHAKE_TIMEOUT = 10.0  # for links we dial (an accepted one has its login deadline)
+# glibc keeps memory freed by thousands of ended connection threads instead of returning it: 2,000
+# silent connections left RSS 3-7 MB higher after each round while Python's own allocations
+# (tracemalloc) stayed flat, and malloc_trim gave it back. So every TRIM_EVERY closed connections
+# the thread closing the last one calls malloc_trim (a few milliseconds; a no-op elsewhere).
+TRIM_EVERY = 1000
 
 
 @dataclasses.dataclass
@@ -211,6 +218,7 @@ class Server:
         self.poller = Poller()
         self.context = handlers.Context(self.state, self.secret, self._trust_as_server,
                                         throttle=LoginThrottle(), tls_required=settings.tls_required)
+        self._departures = itertools.count()  # accepted connections ended (next() is atomic)
         self._conns_lock = threading.Lock()  # guards _conns
         self._conns = {}  # open Connection -> the thread serving it
         self._arrivals = queue.SimpleQueue()  # accepted, waiting for their thread; None: stop
@@ -327,6 +335,8 @@ class Server:
         """An accepted connection ended: its deadline and its place in the counts go."""
         self.deadlines.cancel(arrival)
         arrival.ticket.release()
+        if next(self._departures) % TRIM_EVERY == TRIM_EVERY - 1:
+            release_free_memory()
 
     def _logged_in(self, arrival):
         """It logged in, registered or authenticated: no deadline, no longer pending."""
@@ -535,6 +545,22 @@ class _Thread:
     def join(self, timeout):
         if self.thread.ident is not None:  # started
             self.thread.join(timeout)
+
+
+def _malloc_trim():
+    try:
+        return ctypes.CDLL(None).malloc_trim
+    except (OSError, AttributeError):  # not glibc
+        return None
+
+
+_MALLOC_TRIM = _malloc_trim()
+
+
+def release_free_memory():
+    """Give memory the C allocator holds but nobody uses back to the system (see TRIM_EVERY)."""
+    if _MALLOC_TRIM is not None:
+        _MALLOC_TRIM(0)
 
 
 def _close_quietly(sock):
