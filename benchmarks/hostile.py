@@ -1,5 +1,7 @@
-"""Issue 11's targets: hostile and greedy clients cannot hurt anyone else. Full runs only
-(``make bench``; they take minutes of wall clock, mostly waiting).
+"""Issue 11's targets: hostile and greedy clients cannot hurt anyone else. Not in ``make
+bench-short`` (they take minutes of wall clock, mostly waiting): full sizes in ``make bench``,
+and tiny ones for the smoke run's correctness checks, except tls-chain (it needs the openssl
+command, and test_tls_live.py checks the same chain).
 
 - ``flood``: one client floods as fast as it can, under default settings. Other clients' p99
   latency stays under 5 ms and within 2x of theirs without the flood; every flooded activity
@@ -178,7 +180,7 @@ def _flood(port, reader, seconds, window, chunk=200):
 
 
 @scenario("flood", "1 client floods as fast as it can (defaults); 4 probes' p99, a 1 MB/s reader",
-          full={"seconds": 15, "probes": 4})
+          full={"seconds": 15, "probes": 4}, smoke={"seconds": 2, "probes": 2})
 def flood(ctx, seconds, probes):
     with ctx.cluster(extra=[]) as cluster:  # the defaults: flood control on (500/s, burst 1000)
         a = cluster.start("A")
@@ -287,12 +289,13 @@ def _silent_round(port, count, timeout, progress):
 
 
 @scenario("silent-connections", "2,000 silent connections from one address, 3 rounds "
-          "(--login-timeout 10): closed in time, memory back", full={"count": 2_000, "timeout": 10})
+          "(--login-timeout 10): closed in time, memory back", full={"count": 2_000, "timeout": 10},
+          smoke={"count": 50, "timeout": 1})
 def silent_connections(ctx, count, timeout):
     raise_open_files_limit(count + 1000)
     # --login-timeout 10 instead of the default 30 only to keep the run short: the deadline
     # works the same whatever its length.
-    with ctx.cluster(extra=["--login-timeout", str(timeout)]) as cluster:
+    with ctx.cluster(extra=["--login-timeout", str(timeout)]) as cluster:  # flood control as default
         a = cluster.start("A")
         rss = []
         late = 0
