@@ -22,7 +22,9 @@ import tempfile
 import threading
 import time
 
-from .cluster import HOST, ROOT, BenchmarkError, raise_open_files_limit
+from activitynet.testing import ROOT
+
+from .cluster import HOST, BenchmarkError, raise_open_files_limit
 from .report import Target
 from .scenarios import (CHAIN_WINDOW, RAW_THROUGHPUT, scenario, send_stream, sender_on_a_receiver_on_b,
                         stream_seconds, wait_received)
