@@ -21,8 +21,7 @@ import statistics
 import tempfile
 import threading
 import time
-
-from activitynet.testing import ROOT
+from pathlib import Path
 
 from .cluster import HOST, BenchmarkError, raise_open_files_limit
 from .report import Target
@@ -328,7 +327,8 @@ def silent_connections(ctx, count, timeout):
 
 def _make_certs(directory):
     """The test suite's certificates (tests/certs.py, made with the openssl command)."""
-    spec = importlib.util.spec_from_file_location("activitynet_test_certs", ROOT / "tests" / "certs.py")
+    certs_py = Path(__file__).resolve().parent.parent / "tests" / "certs.py"
+    spec = importlib.util.spec_from_file_location("activitynet_test_certs", certs_py)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     if module.OPENSSL is None:
