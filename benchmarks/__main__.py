@@ -63,10 +63,10 @@ def parse(argv):
     unknown = [n for n in names if n not in SCENARIOS]
     if unknown:
         raise _UsageError(f"unknown scenario {', '.join(unknown)} (try --list)")
-    skipped = [n for n in names if SCENARIOS[n].sizes[args.size] is None]
-    if skipped:
-        raise _UsageError(f"{', '.join(skipped)} is not run at {args.size} sizes")
-    args.names = names or [n for n, s in SCENARIOS.items() if s.sizes[args.size] is not None]
+    full_only = [n for n in names if args.size not in SCENARIOS[n].sizes]
+    if full_only:
+        raise _UsageError(f"{', '.join(full_only)} only run with the full sizes (drop --{args.size})")
+    args.names = names or [n for n, s in SCENARIOS.items() if args.size in s.sizes]
     if args.plots is None and args.size == "full":
         args.plots = str(plots.DEFAULT_DIR)
     return args
