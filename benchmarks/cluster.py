@@ -6,7 +6,6 @@ by the ``listening on HOST:PORT`` line it logs at start. A ``Cluster`` owns the 
 scenario and stops them all when its ``with`` block ends, however it ends (failure, Ctrl-C).
 """
 
-import functools
 import resource
 import subprocess
 
@@ -35,17 +34,6 @@ def raise_open_files_limit(wanted, raise_hard=False):
         resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
         soft = target
     return soft
-
-
-@functools.cache
-def server_has_flag(flag):
-    """Whether the server under test knows ``flag`` (its usage text names it).
-
-    Every scenario sends faster than one client may once flood control (``--rate-limit``,
-    issue 11: 500 activities/s per client by default) is in: the benchmarks measure what a
-    server can relay, so they turn it off, on servers that have it, unless a scenario sets it."""
-    from activitynet import server
-    return flag in (server.__doc__ or "")
 
 
 def wait_listening(server):
@@ -82,11 +70,8 @@ class Cluster:
             hook()
 
     def start(self, name, remote_port=None, extra=(), wait=True):
-        extra = self.extra + list(extra)
-        if server_has_flag("--rate-limit") and "--rate-limit" not in extra:
-            extra = ["--rate-limit", "0", *extra]  # flood control off: see server_has_flag
         server = ServerProcess(name, remote_port=remote_port, secret=SECRET, interval=self.interval,
-                               extra=extra, stdout=subprocess.DEVNULL)
+                               extra=self.extra + list(extra), stdout=subprocess.DEVNULL)
         self.servers.append(server)
         server.spawn()
         if wait:

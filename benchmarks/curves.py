@@ -25,7 +25,7 @@ from activitynet import protocol
 
 from .cluster import HOST, SECRET, BenchmarkError, raise_open_files_limit
 from .report import Target
-from .scenarios import (WAIT, close_all, hand_over, latencies, log_in, log_in_many, scenario,
+from .scenarios import (RAW_THROUGHPUT, WAIT, close_all, hand_over, latencies, log_in, log_in_many, scenario,
                         send_paced, wait_received, warm_up, _idle)
 from .streams import PAD, MultiTally, Receiver, Tally, percentile
 
@@ -204,7 +204,7 @@ def link_up_stall_curve(ctx, sizes):
     results = {}
     caught_up = {}
     # Room for the probes' own activities too: the filler's must all stay in the history.
-    with ctx.cluster(extra=["--history", str(max(sizes) + 20_000)]) as cluster:
+    with ctx.cluster(extra=RAW_THROUGHPUT + ["--history", str(max(sizes) + 20_000)]) as cluster:
         a = cluster.start("A")
         filled = 0
         for size in sizes:
