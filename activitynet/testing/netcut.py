@@ -390,12 +390,7 @@ class Relay:
     def close(self):
         """Stop accepting and reset every connection. Idempotent."""
         self._stopping.set()
-        with self._lock:
-            pairs, self._pairs = list(self._pairs), set()
-        for pair in pairs:
-            pair.reset()
-        with contextlib.suppress(OSError):
-            self._listener.close()
+        self._reset_all()
         if threading.current_thread() is not self._thread:
             self._thread.join(timeout=5)
 
@@ -439,6 +434,10 @@ class Relay:
             except Exception:  # one connection, never the relay
                 log.exception("relay %d could not take a connection", self.port)
                 _reset(client)
+        self._reset_all()
+
+    def _reset_all(self):
+        """Reset every connection and close the listener (both are idempotent)."""
         with self._lock:
             pairs, self._pairs = list(self._pairs), set()
         for pair in pairs:
