@@ -17,7 +17,7 @@ import threading
 import time
 from pathlib import Path
 
-from activitynet import schemas, testing
+from activitynet import protocol, schemas, testing
 from activitynet.server import Server, Settings
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -86,7 +86,7 @@ class LineClient:
             line = self.recv_line(timeout)
             if line is None:
                 return None
-            if skip_heartbeats and line == b"h":
+            if skip_heartbeats and line == protocol.HEARTBEAT_LINE:
                 continue
             message = json.loads(line)
             assert isinstance(message, dict), line

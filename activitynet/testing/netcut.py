@@ -46,13 +46,14 @@ import threading
 import time
 from collections import deque
 
+from ..protocol import HEARTBEAT_LINE
+
 log = logging.getLogger(__name__)
 
 LOOPBACK = "127.0.0.1"
 CHUNK = 64 * 1024
 OPEN, CUT, BLACKHOLE = "open", "cut", "blackhole"
 UP, DOWN = "up", "down"  # dialler -> target, target -> dialler
-HEARTBEAT = b"h"  # a heartbeat line is not a message: HoldAfterLines does not count it
 
 
 def _reset(sock):
@@ -117,7 +118,7 @@ class HoldAfterLines:
                 if end < 0:
                     partial = text[start:]
                     return [(now, data)]
-                if text[start:end].strip(b"\r") not in (HEARTBEAT, b""):
+                if text[start:end].strip(b"\r") not in (HEARTBEAT_LINE, b""):  # not a message
                     counted += 1
                 start = end + 1
                 if counted == self.lines:
