@@ -3,8 +3,8 @@
 Validation runs on every inbound message, so the fast path uses validators compiled to Python code
 by fastjsonschema (about 2 µs a message instead of about 60 µs for an interpreted validator). Only
 when a message fails does python-jsonschema look at it again, to pick the most relevant error and
-say it in words a person can act on. Both are built once (``load``: at start-up, or on first use),
-from the same files, and are
+say it in words a person can act on. Both are built once from the same files, by ``load`` at
+start-up or on first use (nothing is read at import), and are
 only read afterwards (neither library promises thread-safe construction).
 """
 
