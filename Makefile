@@ -3,7 +3,9 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
-SOURCES := setup.cfg setup.py $(wildcard activitynet/*.py activitynet/client/*.py activitynet/web/* schemas/*.json)
+# every file the installed copy in .venv is made from (each package of setup.cfg, the schemas)
+SOURCES := setup.cfg setup.py README.rst $(wildcard activitynet/*.py activitynet/client/*.py \
+           activitynet/testing/*.py activitynet/web/* schemas/*.json)
 SEED ?= $(shell date +%s)
 CHAOS_SECONDS ?= 300
 
