@@ -16,9 +16,20 @@ before committing, unless a registration is waiting, so an activity is committed
 one or two commit times. ``add_user`` returns a ``Ticket``: the server waits on it *outside* the
 lock and sends REGISTER_SUCCESS only once the user is committed.
 
+Activities are stored a commit at a time, as segments (see ``_SCHEMA_1``): the writer costs
+about 2 us of CPU per activity, most of it outside the GIL, where a row per activity cost 5-7 us
+and a GIL hand-over per row.
+
 Reads (``load`` at start-up, ``position_of`` and ``missing`` for recovery) open their own
 connection: under WAL they never block the writer, nor it them. ``missing`` reads in chunks, each
 its own short read transaction, so a long refill neither holds memory nor pins the WAL.
+
+How the server uses it (issue 10): ``Store.open(dir, disk_history)`` at start-up, ``load(history)``
+to seed the user directory, blocked names, history, de-duplication marks and per-peer marks;
+``next_seq()`` for every own id; under the state lock ``add_user`` (then REGISTER_SUCCESS once its
+ticket is settled), ``block_name``, ``add_activity`` with the history position, ``set_peer_mark``;
+outside it ``missing(marks, after, below=first position in memory)`` to refill a peer from disk
+before the in-memory part; ``status()`` for the monitor; ``close()`` after the last connection.
 
 What a crash can lose (journal_mode=WAL, synchronous=FULL)
 ----------------------------------------------------------
@@ -51,11 +62,13 @@ so the database file is either absent or complete.
 
 import fcntl
 import itertools
+import json
 import logging
 import os
 import sqlite3
 import threading
 import time
+from array import array
 from collections import deque
 from dataclasses import dataclass
 
@@ -73,21 +86,34 @@ GATHER_S = 0.02  # how long the writer lets activities gather before a commit
 MAX_QUEUE = 250_000  # entries waiting for the disk, at most (about 300 bytes each)
 RETRY_S = 1.0  # a failing disk is retried this often
 LOG_EVERY_S = 30.0  # and reported this often while it fails
-CHUNK = 2000  # activities per chunk read for recovery
+SEGMENT_MAX = 2048  # activities per stored segment, at most (and per chunk read for recovery)
+PAGE_SIZE = 4096
 WAL_AUTOCHECKPOINT = 4096  # pages (16 MiB): fewer, larger checkpoints under a stream
 
-FOREIGN = 0  # origin_no of activities whose ids are not ours (opaque; seq is NULL)
+FOREIGN = 0  # origin number of activities whose ids are not ours (opaque; their seq is null)
 
+# Activities are stored in segments: one row per commit (split at SEGMENT_MAX), holding the lines
+# concatenated and, column by column, what indexes them. A row per activity cost 5-7 us of CPU
+# each in SQLite here, and the GIL was released and re-taken once per row, which a busy relay
+# turns into a convoy; a segment costs one row, one GIL hand-over, and per activity about what
+# C-coded joins and array packing cost. Recovery reads whole segments: what it sends anyway.
+#   positions, origin_nos, seqs, lengths: native int arrays (array module), one item per
+#       activity; origin number FOREIGN (0) and seq 0 for a foreign id
+#   ids:    JSON list of the ids (ASCII-escaped)
+#   ranges: JSON {"origin number": [lowest seq, highest seq]} of the segment (own ids only)
 _SCHEMA_1 = """
 CREATE TABLE meta (key TEXT PRIMARY KEY, value) WITHOUT ROWID;
-CREATE TABLE users (name TEXT PRIMARY KEY, secret TEXT NOT NULL) WITHOUT ROWID;
-CREATE TABLE blocked (name TEXT PRIMARY KEY) WITHOUT ROWID;
-CREATE TABLE origins (no INTEGER PRIMARY KEY, origin TEXT NOT NULL UNIQUE, high INTEGER NOT NULL);
-CREATE TABLE activities (pos INTEGER PRIMARY KEY, id TEXT NOT NULL,
-                         origin_no INTEGER NOT NULL, seq INTEGER, line BLOB NOT NULL);
-CREATE INDEX activities_by_origin ON activities (origin_no, seq);
-CREATE INDEX foreign_activities_by_id ON activities (id) WHERE origin_no = 0;
-CREATE TABLE peer_marks (peer TEXT PRIMARY KEY, value TEXT NOT NULL) WITHOUT ROWID;
+CREATE TABLE users (name BLOB PRIMARY KEY, secret BLOB NOT NULL) WITHOUT ROWID;
+CREATE TABLE blocked (name BLOB PRIMARY KEY) WITHOUT ROWID;
+CREATE TABLE origins (no INTEGER PRIMARY KEY, origin TEXT NOT NULL UNIQUE,
+                      high INTEGER NOT NULL, first_pos INTEGER NOT NULL, last_pos INTEGER NOT NULL);
+CREATE TABLE segments (last_pos INTEGER PRIMARY KEY, first_pos INTEGER NOT NULL,
+                       count INTEGER NOT NULL, foreign_count INTEGER NOT NULL,
+                       ranges TEXT NOT NULL, positions BLOB NOT NULL, origin_nos BLOB NOT NULL,
+                       seqs BLOB NOT NULL, lengths BLOB NOT NULL, ids TEXT NOT NULL,
+                       data BLOB NOT NULL);
+CREATE INDEX segments_with_foreign_ids ON segments (last_pos) WHERE foreign_count > 0;
+CREATE TABLE peer_marks (peer BLOB PRIMARY KEY, value BLOB NOT NULL) WITHOUT ROWID;
 """
 
 # MIGRATIONS[v] takes a database from schema version v to v + 1, inside one transaction.
@@ -115,14 +141,32 @@ class Loaded:
 
 
 class Ticket:
-    """Tells when the writes queued with it are committed. Wait on it outside the state lock."""
+    """Tells when the writes queued with it are committed: wait on it outside the state lock,
+    or have the writer call you back (so a connection can go on reading pipelined requests and
+    hold back only the replies that must follow the commit)."""
 
-    __slots__ = ("_store", "_done", "_error")
+    __slots__ = ("_store", "_done", "_error", "_callbacks")
 
     def __init__(self, store):
         self._store = store
         self._done = False
         self._error = None
+        self._callbacks = None
+
+    def add_done_callback(self, callback):
+        """Call ``callback(ticket)`` once the ticket is settled: at once if it is, else from the
+        writer thread right after the commit (keep it short: it delays the next commit)."""
+        with self._store._committed:
+            if not self._done:
+                if self._callbacks is None:
+                    self._callbacks = []
+                self._callbacks.append(callback)
+                return
+        callback(self)
+
+    def error(self):
+        """Why the store could not commit it (None if committed or not settled yet)."""
+        return self._error
 
     def wait(self, timeout=None):
         """True once committed, False if ``timeout`` passed first; raises ``StoreError`` if the
@@ -152,7 +196,7 @@ class _Batch:
     def __init__(self):
         self.users = {}  # name -> secret
         self.blocked = {}  # name -> True (ordered set)
-        self.activities = []  # (position, id, line)
+        self.activities = []  # (position, id, origin, seq, line)
         self.tickets = []
 
     def __bool__(self):
@@ -196,7 +240,8 @@ class Store:
         self._max_queue = max_queue
         self._retry_s = retry_s
         self._gather_s = gather_s
-        self._queue = deque()
+        self._queue = deque()  # users, blocked names, flush tickets
+        self._activities = deque()  # (position, id, origin, seq, line)
         self._wake = threading.Event()  # something to write (or closing)
         self._urgent = threading.Event()  # someone waits for a commit: do not gather
         self._stop = threading.Event()
@@ -213,8 +258,9 @@ class Store:
         self._failing_since = None
         self._last_commit = None  # time.time() of the last successful commit
         self._waiting = 0  # entries drained by the writer and not yet committed
+        self._writer_cpu = 0.0  # CPU seconds the writer thread has used
         self._origin_nos = dict(db.execute("SELECT origin, no FROM origins"))
-        self._last_position = db.execute("SELECT coalesce(max(pos), 0) FROM activities").fetchone()[0]
+        self._last_position = db.execute("SELECT coalesce(max(last_pos), 0) FROM segments").fetchone()[0]
         self.origin, first_seq = self._claim_sequence()
         self._seqs = itertools.count(first_seq)
         self._last_seq = first_seq - 1
@@ -263,15 +309,20 @@ class Store:
             self._queue.append((_BLOCK, name))
             self._poke()
 
-    def add_activity(self, position, activity_id, line):
-        """Record an ACTIVITY_BROADCAST ``line`` (bytes) at history ``position``; positions
-        must increase (the in-memory history's numbers, continued from ``load().last_position``)."""
+    def add_activity(self, position, activity_id, line, origin, seq):
+        """Record an ACTIVITY_BROADCAST ``line`` (bytes) at history ``position``. Positions must
+        increase (the in-memory history's numbers, continued from ``load().last_position``);
+        ``origin`` and ``seq`` are those of one of our ids (``protocol.parse_id``), both None
+        for a foreign id: the caller has parsed the id already."""
         if position <= self._last_position:
             raise ValueError(f"activity position {position} is not above {self._last_position}")
         self._last_position = position
-        if not self._refused(_ACTIVITY):
-            self._queue.append((_ACTIVITY, position, activity_id, line))
-            self._poke()
+        if len(self._activities) < self._max_queue and not self._closed:
+            self._activities.append((position, activity_id, origin, seq, line))
+            if not self._wake.is_set():
+                self._wake.set()
+        else:
+            self._refused_counts[_ACTIVITY] += 1
 
     def set_peer_mark(self, peer_key, value):
         """Remember per-peer bookkeeping (say the last id received from ``peer_key``); only the
@@ -322,6 +373,7 @@ class Store:
             self._drain(batch)
             self._write(batch)
             self._waiting = batch.entries()
+            self._writer_cpu = time.thread_time()
             if stopping:
                 break
         if batch:
@@ -332,13 +384,13 @@ class Store:
         self._db.close()
 
     def _drain(self, batch):
+        """Move what is queued into ``batch``. The other queue first: a flush ticket (or a user's)
+        then covers every activity recorded before it."""
         queue = self._queue
         for _ in range(len(queue)):
             entry = queue.popleft()
             kind = entry[0]
-            if kind == _ACTIVITY:
-                batch.activities.append(entry[1:])
-            elif kind == _USER:
+            if kind == _USER:
                 batch.users[entry[1]] = entry[2]
                 batch.tickets.append(entry[3])
             elif kind == _BLOCK:
@@ -346,6 +398,8 @@ class Store:
                 batch.blocked[entry[1]] = True
             else:
                 batch.tickets.append(entry[1])
+        activities = self._activities
+        batch.activities.extend(activities.popleft() for _ in range(len(activities)))
 
     def _write(self, batch):
         peer_marks = self._peer_marks.copy()  # one C call: atomic against writers
@@ -361,8 +415,9 @@ class Store:
         except sqlite3.Error as exc:
             self._failed(batch, exc)
             return
-        except Exception as exc:  # a bug: say so loudly, and keep the server relaying
-            log.exception("data store %s: unexpected error while writing", self.path)
+        except Exception as exc:  # a bug: say so loudly (once), and keep the server relaying
+            if self._failure is None:
+                log.exception("data store %s: unexpected error while writing", self.path)
             self._failed(batch, exc)
             return
         self._origin_nos = origin_nos
@@ -379,10 +434,7 @@ class Store:
             self._failure = self._failing_since = None
         tickets = batch.tickets
         batch.__init__()
-        for ticket in tickets:
-            ticket._done = True
-        with self._committed:
-            self._committed.notify_all()
+        self._settle(tickets, None)
 
     def _commit(self, batch, peer_marks, reserve):
         """One transaction with everything in ``batch``; returns the origin numbers to use next."""
@@ -390,40 +442,48 @@ class Store:
         origin_nos = dict(self._origin_nos)  # kept only if the transaction commits
         with _transaction(db):
             if batch.users:
-                db.executemany("INSERT OR REPLACE INTO users VALUES (?, ?)", batch.users.items())
+                db.executemany("INSERT OR REPLACE INTO users VALUES (?, ?)",
+                               [(_blob(name), _blob(secret)) for name, secret in batch.users.items()])
             if batch.blocked:
-                names = [(name,) for name in batch.blocked]
+                names = [(_blob(name),) for name in batch.blocked]
                 db.executemany("DELETE FROM users WHERE name = ?", names)
                 db.executemany("INSERT OR IGNORE INTO blocked VALUES (?)", names)
             if batch.activities:
                 self._insert_activities(db, batch.activities, origin_nos)
             if peer_marks:
-                db.executemany("INSERT OR REPLACE INTO peer_marks VALUES (?, ?)", peer_marks)
+                db.executemany("INSERT OR REPLACE INTO peer_marks VALUES (?, ?)",
+                               [(_blob(key), _blob(value)) for key, value in peer_marks])
             if reserve is not None:
                 db.execute("UPDATE meta SET value = ? WHERE key = 'seq_reserved'", (reserve,))
         return origin_nos
 
     def _insert_activities(self, db, activities, origin_nos):
-        rows = []
-        highs = {}
-        for position, activity_id, line in activities:
-            parsed = protocol.parse_id(activity_id)
-            if parsed is None:
-                rows.append((position, activity_id, FOREIGN, None, line))
-                continue
-            origin, seq, _sent = parsed
-            number = origin_nos.get(origin)
-            if number is None:
-                number = origin_nos[origin] = db.execute(
-                    "INSERT INTO origins (origin, high) VALUES (?, 0)", (origin,)).lastrowid
-            highs[number] = max(seq, highs.get(number, 0))
-            rows.append((position, activity_id, number, seq, line))
-        db.executemany("INSERT INTO activities VALUES (?, ?, ?, ?, ?)", rows)
-        db.executemany("UPDATE origins SET high = max(high, ?) WHERE no = ?",
-                       [(high, number) for number, high in highs.items()])
+        for origin in {entry[2] for entry in activities} - origin_nos.keys() - {None}:
+            origin_nos[origin] = db.execute(
+                "INSERT INTO origins (origin, high, first_pos, last_pos) VALUES (?, 0, ?, 0)",
+                (origin, next(entry[0] for entry in activities if entry[2] == origin))).lastrowid
+        number_of = {**origin_nos, None: FOREIGN}.__getitem__
+        highs = {}  # origin number -> highest seq in this batch
+        for start in range(0, len(activities), SEGMENT_MAX):
+            part = activities[start:start + SEGMENT_MAX]
+            positions, ids, origins, seqs, lines = zip(*part)
+            numbers = array(_INT32, map(number_of, origins))
+            foreign = numbers.count(FOREIGN)
+            if foreign:
+                seqs = [0 if seq is None else seq for seq in seqs]
+            ranges = _ranges(numbers, seqs)
+            db.execute("INSERT INTO segments VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                       (positions[-1], positions[0], len(part), foreign, _json(ranges),
+                        array(_INT64, positions), numbers, array(_INT64, seqs),
+                        array(_INT32, map(len, lines)), _json(ids), b"".join(lines)))
+            for number, (_low, high) in ranges.items():
+                highs[number] = max(high, highs.get(number, 0))
+        last_pos = activities[-1][0]  # for origins.last_pos an upper bound is enough
+        db.executemany("UPDATE origins SET high = max(high, ?), last_pos = ? WHERE no = ?",
+                       [(high, last_pos, number) for number, high in highs.items()])
         cutoff = activities[-1][0] - self.disk_history
-        if cutoff > 0:
-            db.execute("DELETE FROM activities WHERE pos <= ?", (cutoff,))
+        if cutoff > 0:  # whole segments: at most disk_history plus the rest of the oldest one
+            db.execute("DELETE FROM segments WHERE last_pos <= ?", (cutoff,))
 
     def _failed(self, batch, exc):
         now = time.monotonic()
@@ -451,12 +511,25 @@ class Store:
                 self.counts["dropped_users"] += 1
 
     def _fail_tickets(self, batch, reason):
-        for ticket in batch.tickets:
-            ticket._error = reason
-            ticket._done = True
-        batch.tickets = []
+        tickets, batch.tickets = batch.tickets, []
+        self._settle(tickets, reason)
+
+    def _settle(self, tickets, error):
+        """Mark ``tickets`` committed (or failed with ``error``), wake waiters, run callbacks."""
+        callbacks = []
         with self._committed:
+            for ticket in tickets:
+                ticket._error = error
+                ticket._done = True
+                if ticket._callbacks:
+                    callbacks += [(callback, ticket) for callback in ticket._callbacks]
+                    ticket._callbacks = None
             self._committed.notify_all()
+        for callback, ticket in callbacks:
+            try:
+                callback(ticket)
+            except Exception:  # the caller's bug must not stop durability for everyone
+                log.exception("data store %s: a commit callback failed", self.path)
 
     def _checkpoint(self):
         try:
@@ -470,62 +543,83 @@ class Store:
         """The committed state a restarting server starts from; ``history`` is how many of the
         newest activities to read (the in-memory ``--history``), never the whole disk."""
         with _reader(self.path) as db:
-            users = dict(db.execute("SELECT name, secret FROM users"))
-            blocked = {name for (name,) in db.execute("SELECT name FROM blocked")}
-            newest = db.execute("SELECT pos, id, line FROM activities ORDER BY pos DESC LIMIT ?",
-                                (history,)).fetchall()
-            newest.reverse()
+            users = {_text(name): _text(secret)
+                     for name, secret in db.execute("SELECT name, secret FROM users")}
+            blocked = {_text(name) for (name,) in db.execute("SELECT name FROM blocked")}
+            newest = []
+            wanted = history
+            for segment in db.execute(f"SELECT {_SEGMENT_COLUMNS} FROM segments ORDER BY last_pos DESC"):
+                if wanted <= 0:
+                    break
+                rows = _unpack(*segment)[-wanted:]
+                wanted -= len(rows)
+                newest.append([(position, activity_id, line)
+                               for position, activity_id, _no, _seq, line in rows])
             marks = dict(db.execute("SELECT origin, high FROM origins"))
-            peer_marks = dict(db.execute("SELECT peer, value FROM peer_marks"))
-        return Loaded(origin=self.origin, users=users, blocked=blocked, history=newest,
+            peer_marks = {_text(key): _text(value)
+                          for key, value in db.execute("SELECT peer, value FROM peer_marks")}
+        history_entries = [entry for rows in reversed(newest) for entry in rows]
+        return Loaded(origin=self.origin, users=users, blocked=blocked, history=history_entries,
                       last_position=self._last_position, marks=marks, peer_marks=peer_marks)
 
     def position_of(self, activity_id):
-        """The stored position of ``activity_id``, or None if it is not on disk."""
+        """The stored position of ``activity_id``, or None if it is not on disk. (A scan of the
+        segments' indexes in SQLite: for the rare ``after`` that memory no longer holds.)"""
         parsed = protocol.parse_id(activity_id)
         with _reader(self.path) as db:
             if parsed is None:
-                row = db.execute("SELECT pos FROM activities WHERE origin_no = 0 AND id = ? "
-                                 "ORDER BY pos DESC LIMIT 1", (activity_id,)).fetchone()
+                rows = db.execute("SELECT positions, ids FROM segments WHERE foreign_count > 0 "
+                                  "AND instr(ids, ?) ORDER BY last_pos DESC",
+                                  (_json(activity_id),))
             else:
-                row = db.execute("SELECT pos FROM activities JOIN origins ON no = origin_no "
-                                 "WHERE origin = ? AND seq = ?", parsed[:2]).fetchone()
-        return row[0] if row else None
+                origin, seq, _sent = parsed
+                number = db.execute("SELECT no FROM origins WHERE origin = ?", (origin,)).fetchone()
+                if number is None:
+                    return None
+                key = f'$."{number[0]}"'
+                rows = db.execute("SELECT positions, ids FROM segments WHERE json_extract(ranges, ?) <= ? "
+                                  "AND json_extract(ranges, ?) >= ? ORDER BY last_pos DESC",
+                                  (key + "[0]", seq, key + "[1]", seq))
+            for positions, ids in rows:
+                for position, stored_id in zip(_ints(_INT64, positions), json.loads(ids)):
+                    if stored_id == activity_id:
+                        return position
+        return None
 
-    def missing(self, marks=None, after=0, below=None, chunk=CHUNK):
-        """Stored activities a peer lacks, in position order, as lists of (position, id, line)
-        of at most ``chunk``; only positions below ``below`` (what memory does not hold).
+    def missing(self, marks=None, after=0, below=None):
+        """Stored activities a peer lacks, in position order, as lists (at most SEGMENT_MAX
+        long) of (position, id, line); only positions below ``below`` (what memory lacks).
 
         The rule is ``recovery.missing_entries``'s: without ``marks``, everything after
-        position ``after``; with marks (origin -> highest seq the peer holds), our ids above
-        the peer's mark for their origin (all of an origin it has no mark for) and foreign ids
-        after position ``after``. Reading starts at the first position that can qualify (an
-        index lookup per origin), so a peer that lacks nothing costs no scan."""
+        position ``after``; with marks (origin -> highest seq the peer holds), our ids above the
+        peer's mark for their origin (all of an origin it has no mark for) and foreign ids after
+        position ``after``. Reading starts at the first segment that can hold such an activity,
+        found from the segments' seq ranges newest first, so a peer that lacks little costs
+        little. Each read is its own short transaction: a long refill does not pin the WAL."""
+        end = below if below is not None else self._last_position + 1
         with _reader(self.path) as db:
-            nos = dict(db.execute("SELECT no, origin FROM origins"))
             if marks:
+                nos = dict(db.execute("SELECT no, origin FROM origins"))
                 need_above = {no: marks.get(origin, 0) for no, origin in nos.items()}
                 start = _first_needed(db, need_above, after)
             else:
                 need_above = None
                 start = after + 1
-            if start is None:
-                return
-            end = below if below is not None else self._last_position + 1
-            while start < end:
-                rows = db.execute("SELECT pos, id, origin_no, seq, line FROM activities "
-                                  "WHERE pos >= ? AND pos < ? ORDER BY pos LIMIT ?",
-                                  (start, end, chunk)).fetchall()
-                if not rows:
+            while start is not None and start < end:
+                segments = db.execute(f"SELECT last_pos, {_SEGMENT_COLUMNS} FROM segments "
+                                      "WHERE last_pos >= ? ORDER BY last_pos LIMIT 8",
+                                      (start,)).fetchall()
+                if not segments:
                     return
-                start = rows[-1][0] + 1
-                if need_above is None:
-                    picked = [(pos, id_, line) for pos, id_, _no, _seq, line in rows]
-                else:
-                    picked = [(pos, id_, line) for pos, id_, no, seq, line in rows
-                              if (pos > after if no == FOREIGN else seq > need_above.get(no, 0))]
-                if picked:
-                    yield picked
+                for last_pos, *columns in segments:
+                    picked = [(position, activity_id, line)
+                              for position, activity_id, no, seq, line in _unpack(*columns)
+                              if start <= position < end
+                              and (need_above is None or no == FOREIGN and position > after
+                                   or no != FOREIGN and seq > need_above.get(no, 0))]
+                    if picked:
+                        yield picked
+                    start = last_pos + 1
 
     def status(self):
         """Plain data for the server's status: healthy or failing, and why."""
@@ -536,7 +630,8 @@ class Store:
             "error": self._failure,
             "failing_for_s": (None if self._failing_since is None
                               else round(time.monotonic() - self._failing_since, 1)),
-            "queued": len(self._queue) + self._waiting,
+            "queued": len(self._queue) + len(self._activities) + self._waiting,
+            "writer_cpu_s": round(self._writer_cpu, 3),
             "last_commit": self._last_commit,
             "commits": self.counts["commits"],
             "failed_commits": self.counts["failed_commits"],
@@ -568,14 +663,91 @@ class Store:
 
 
 def _first_needed(db, need_above, after):
-    """The first position holding an activity a peer with these marks lacks, or None."""
-    firsts = [db.execute("SELECT pos FROM activities WHERE origin_no = 0 AND seq IS NULL "
-                         "AND pos > ? ORDER BY pos LIMIT 1", (after,)).fetchone()]
-    for no, mark in need_above.items():
-        firsts.append(db.execute("SELECT pos FROM activities WHERE origin_no = ? AND seq > ? "
-                                 "ORDER BY seq LIMIT 1", (no, mark)).fetchone())
-    positions = [row[0] for row in firsts if row is not None]
-    return min(positions, default=None)
+    """The first position of the oldest segment holding an activity a peer with these marks
+    lacks, or None. Foreign ids: the first segment with one after ``after`` (an index). Our ids:
+    a walk over the segments' seq ranges, newest first, until every origin is settled: by a
+    segment holding one of its seqs at or below the peer's mark (per origin, seqs grow with
+    position), or by being older than the origin's first stored activity."""
+    row = db.execute("SELECT first_pos FROM segments WHERE foreign_count > 0 AND last_pos > ? "
+                     "ORDER BY last_pos LIMIT 1", (after,)).fetchone()
+    start = row[0] if row else None
+    oldest = db.execute("SELECT first_pos FROM segments ORDER BY last_pos LIMIT 1").fetchone()
+    if oldest is None:
+        return None
+    origins = {no: (first, last, high) for no, first, last, high in
+               db.execute("SELECT no, first_pos, last_pos, high FROM origins")}
+    # Settled from the start: an origin the peer holds all of, or with nothing left on disk.
+    unsettled = {no for no, mark in need_above.items()
+                 if no in origins and origins[no][2] > mark and origins[no][1] >= oldest[0]}
+    if not unsettled:
+        return start
+    for first_pos, last_pos, ranges in db.execute(
+            "SELECT first_pos, last_pos, ranges FROM segments ORDER BY last_pos DESC"):
+        unsettled = {no for no in unsettled if origins[no][0] <= last_pos}
+        if not unsettled:
+            break
+        for key, (low, high) in json.loads(ranges).items():
+            no = int(key)
+            if no in unsettled:
+                if high > need_above[no]:
+                    start = first_pos if start is None else min(start, first_pos)
+                if low <= need_above[no]:
+                    unsettled.discard(no)
+    return start
+
+
+def _json(value):
+    """Compact JSON, ASCII: a lone surrogate in a foreign id (valid JSON) survives it."""
+    return json.dumps(value, separators=(",", ":"))
+
+
+def _blob(text):
+    """A name, secret or peer value as stored: UTF-8 bytes, lone surrogates (which JSON lets a
+    peer send) included, which SQLite's TEXT would refuse and so fail every later commit."""
+    return text.encode("utf-8", "surrogatepass")
+
+
+def _text(blob):
+    return blob.decode("utf-8", "surrogatepass")
+
+
+_INT32, _INT64 = "i", "q"
+assert array(_INT32).itemsize == 4 and array(_INT64).itemsize == 8
+
+
+def _ranges(numbers, seqs):
+    """{origin number: [lowest seq, highest seq]} of a segment's own ids."""
+    if len(set(numbers)) == 1:  # the common case, in C
+        return {} if numbers[0] == FOREIGN else {numbers[0]: [min(seqs), max(seqs)]}
+    ranges = {}
+    for number, seq in zip(numbers, seqs):
+        if number != FOREIGN:
+            span = ranges.get(number)
+            if span is None:
+                ranges[number] = [seq, seq]
+            elif seq > span[1]:
+                span[1] = seq
+            elif seq < span[0]:
+                span[0] = seq
+    return ranges
+
+
+def _ints(kind, blob):
+    values = array(kind)
+    values.frombytes(blob)
+    return values
+
+
+_SEGMENT_COLUMNS = "positions, ids, origin_nos, seqs, lengths, data"
+
+
+def _unpack(positions, ids, numbers, seqs, lengths, data):
+    """A segment's activities (its _SEGMENT_COLUMNS): [(position, id, origin number, seq, line)]."""
+    ends = list(itertools.accumulate(_ints(_INT32, lengths)))
+    starts = [0] + ends[:-1]
+    lines = [data[start:end] for start, end in zip(starts, ends)]
+    return list(zip(_ints(_INT64, positions), json.loads(ids), _ints(_INT32, numbers),
+                    _ints(_INT64, seqs), lines))
 
 
 # --- opening a data directory -------------------------------------------------------------------
@@ -614,6 +786,7 @@ def _create(path):
     db = sqlite3.connect(temporary, isolation_level=None)
     try:
         db.execute(f"PRAGMA application_id = {APPLICATION_ID}")
+        db.execute(f"PRAGMA page_size = {PAGE_SIZE}")
         db.execute("PRAGMA journal_mode = WAL")
     finally:
         db.close()  # the last connection checkpoints: everything is in the main file

@@ -4,16 +4,19 @@ Usage:
   python -m benchmarks.store_bench [--activities N] [--users N] [--dir DIR] [--synchronous MODE]...
 
 Measures, for each synchronous mode (FULL is the store's setting; NORMAL for comparison):
-- registrations acknowledged durable per second: pipelined (one thread queues them all, then
-  waits for each ticket), from 64 concurrent "connections" (threads each registering and waiting
-  in lock-step, as reader threads do), and from one connection in lock-step (commit latency);
+- registrations acknowledged durable per second: pipelined (4 "connections" register
+  back-to-back and a registration counts when its ticket's callback runs, where the server
+  would send REGISTER_SUCCESS), from 64 connections each waiting for its commit before the next,
+  and from one connection in lock-step (the commit latency);
 - activities committed per second (time from the first add_activity to everything committed),
   first into an empty store and then sustained with pruning (disk_history reached, every batch
   also deletes as many as it inserts), and what add_activity costs its caller;
-- commit latency under a paced stream of 150,000 activities/s (flush() every 50 ms);
+- commit latency under paced streams of 20,000 and 150,000 activities/s (flush() every 50 ms;
+  the rate the producer thread achieved is printed);
 - cold start with ``--users`` users and ``--activities`` stored activities: Store.open + load of
   the newest 100,000 (the default --history);
-- disk bytes per stored activity.
+- reading the 200,000 newest activities back for a peer that lacks them (``missing``);
+- disk bytes per stored activity (100,000 of them in commits of 500).
 """
 
 import argparse
@@ -37,18 +40,36 @@ def line(origin, seq):
 
 
 def lines(origin, first, count):
-    return [line(origin, seq) for seq in range(first, first + count)]
+    """[(id, line, origin, seq)]: add_activity's arguments after the position."""
+    return [line(origin, seq) + (origin, seq) for seq in range(first, first + count)]
 
 
-def registrations_pipelined(store, count, prefix):
+def registrations_pipelined(store, connections, each, prefix):
+    """Each connection registers back-to-back, as a server reads pipelined REGISTERs; a
+    registration counts once the writer's callback says it is committed (when the server would
+    send REGISTER_SUCCESS)."""
+    acknowledged = threading.Semaphore(0)
+
+    def register(c):
+        for n in range(each):
+            store.add_user(f"{prefix}{c}-{n}", "secret-0123456789").add_done_callback(
+                lambda ticket: acknowledged.release())
+
+    workers = [threading.Thread(target=register, args=(c,)) for c in range(connections)]
     start = time.perf_counter()
-    tickets = [store.add_user(f"{prefix}{n}", "secret-0123456789") for n in range(count)]
-    for ticket in tickets:
-        ticket.wait()
-    return count / (time.perf_counter() - start)
+    for worker in workers:
+        worker.start()
+    for _ in range(connections * each):
+        acknowledged.acquire()
+    elapsed = time.perf_counter() - start
+    for worker in workers:
+        worker.join()
+    return connections * each / elapsed
 
 
 def registrations_lockstep(store, threads, each, prefix):
+    """Each thread waits for its registration's commit before the next (a client that waits
+    for REGISTER_SUCCESS): the commit latency decides."""
     def register(t):
         for n in range(each):
             store.add_user(f"{prefix}{t}-{n}", "secret-0123456789").wait()
@@ -63,34 +84,40 @@ def registrations_lockstep(store, threads, each, prefix):
 
 
 def activity_throughput(store, entries, first_position):
-    """(committed per second, add_activity cost in microseconds)."""
+    """(committed per second, add_activity's cost to its caller in us, writer CPU per activity
+    in us)."""
+    cpu_before = store.status()["writer_cpu_s"]
     start = time.perf_counter()
-    for offset, (activity_id, data) in enumerate(entries):
-        store.add_activity(first_position + offset, activity_id, data)
+    for offset, entry in enumerate(entries):
+        store.add_activity(first_position + offset, *entry)
     queued = time.perf_counter()
     store.flush()
     done = time.perf_counter()
-    return len(entries) / (done - start), (queued - start) / len(entries) * 1e6
+    time.sleep(0.1)  # the writer notes its CPU time after each round
+    writer_cpu = store.status()["writer_cpu_s"] - cpu_before
+    count = len(entries)
+    return count / (done - start), (queued - start) / count * 1e6, writer_cpu / count * 1e6
 
 
-def paced_commit_latency(store, origin, first_seq, first_position, rate, seconds):
+def paced_commit_latency(store, origin, first_seq, first_position, rate, seconds, mode):
     """Flush latencies (ms) while another thread adds ``rate`` activities a second."""
     entries = lines(origin, first_seq, int(rate * seconds))
     stop = threading.Event()
 
     def produce():
         start = time.perf_counter()
-        for offset, (activity_id, data) in enumerate(entries):
+        for offset, entry in enumerate(entries):
             if offset % 1000 == 0:
                 ahead = start + offset / rate - time.perf_counter()
                 if ahead > 0:
                     time.sleep(ahead)
-            store.add_activity(first_position + offset, activity_id, data)
+            store.add_activity(first_position + offset, *entry)
         stop.set()
 
     producer = threading.Thread(target=produce)
     producer.start()
     latencies = []
+    begun = time.perf_counter()
     while not stop.is_set():
         time.sleep(0.05)
         begin = time.perf_counter()
@@ -98,6 +125,7 @@ def paced_commit_latency(store, origin, first_seq, first_position, rate, seconds
         latencies.append((time.perf_counter() - begin) * 1000)
     producer.join()
     store.flush()
+    print(f"  ({mode}: asked {rate:,}/s, achieved {len(entries) / (time.perf_counter() - begun):,.0f}/s)")
     return latencies, len(entries)
 
 
@@ -108,39 +136,53 @@ def run(mode, args, root):
     origin = store.origin
     try:
         store.add_user("warm-up", "s").wait()
-        results["registrations/s pipelined"] = registrations_pipelined(store, 50_000, "p")
-        results["registrations/s 64 connections in lock-step"] = registrations_lockstep(store, 64, 300, "c")
-        results["registrations/s 1 connection in lock-step"] = registrations_lockstep(store, 1, 2000, "one")
+        results["registrations/s pipelined, 4 connections"] = registrations_pipelined(store, 4, 12_500, "p")
+        results["registrations/s 64 connections in lock-step"] = registrations_lockstep(store, 64, 100, "c")
+        results["registrations/s 1 connection in lock-step"] = registrations_lockstep(store, 1, 1000, "one")
         count = args.activities
-        entries = lines(origin, 1, count)
-        rate, cost = activity_throughput(store, entries, 1)
-        results["activities/s into an empty store"] = rate
-        results["add_activity cost, us"] = cost
-        entries = lines(origin, count + 1, count // 2)
-        rate, _ = activity_throughput(store, entries, count + 1)
-        results["activities/s sustained, pruning at disk_history"] = rate
-        position = count + count // 2 + 1
-        latencies, added = paced_commit_latency(store, origin, position, position, 150_000, 3.0)
-        results["commit latency at 150k/s: median ms"] = statistics.median(latencies)
-        results["commit latency at 150k/s: max ms"] = max(latencies)
+        rate, cost, writer = activity_throughput(store, lines(origin, 1, count), 1)
+        results["activities/s committed, empty store"] = rate
+        results["  add_activity cost to the caller, us"] = cost
+        results["  writer CPU per activity, us"] = writer
+        more = count // 4
+        rate, cost, writer = activity_throughput(store, lines(origin, count + 1, more), count + 1)
+        results["activities/s committed, pruning at disk_history"] = rate
+        results["  writer CPU per activity, us "] = writer
+        position = count + more + 1
+        for rate in (20_000, 150_000):
+            latencies, achieved = paced_commit_latency(store, origin, position, position, rate, 3.0, mode)
+            position += achieved
+            results[f"commit latency at {rate // 1000}k/s asked: median ms"] = statistics.median(latencies)
+            results[f"commit latency at {rate // 1000}k/s asked: max ms"] = max(latencies)
         remaining = args.users - len(store.load(history=0).users)
         for n in range(max(0, remaining)):
             store.add_user(f"filler{n}", "secret-0123456789")
         store.flush()
+        last = position - 1  # the benchmark's ids use seq = position
     finally:
         store.close()
-    size = sum(os.path.getsize(os.path.join(data_dir, name)) for name in os.listdir(data_dir))
 
     start = time.perf_counter()
     store = Store.open(data_dir, disk_history=args.activities, synchronous=mode)
     loaded = store.load(history=100_000)
-    results["cold start (open + load), s"] = time.perf_counter() - start
+    results["cold start: open + load newest 100,000, s"] = time.perf_counter() - start
     results["  users loaded"] = len(loaded.users)
-    results["  activities on disk"] = args.activities
-    results["  history entries loaded"] = len(loaded.history)
+    start = time.perf_counter()
+    sent = sum(len(chunk) for chunk in store.missing({origin: last - 200_000}))
+    results["read 200,000 a peer lacks from disk, s"] = time.perf_counter() - start
+    results["  activities read"] = sent
     store.close()
-    results["disk bytes per stored activity (all tables)"] = size / args.activities
-    results["  line bytes per activity"] = len(entries[0][1])
+
+    bytes_dir = os.path.join(root, f"bytes-{mode}")
+    with Store.open(bytes_dir, synchronous=mode) as store:
+        entries = lines(store.origin, 1, 100_000)
+        for offset in range(0, len(entries), 500):  # commits of 500, as under a steady stream
+            for position, entry in enumerate(entries[offset:offset + 500], start=offset + 1):
+                store.add_activity(position, *entry)
+            store.flush()
+    size = os.path.getsize(os.path.join(bytes_dir, "activitynet.sqlite3"))
+    results["disk bytes per stored activity"] = size / len(entries)
+    results["  of which the line itself"] = len(entries[0][1])
     return results
 
 

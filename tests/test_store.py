@@ -51,6 +51,12 @@ def own_id(store, sent_ms=1_700_000_000_000):
     return protocol.make_id(store.origin, store.next_seq(), sent_ms)
 
 
+def record(store, position, activity_id, line=None):
+    """add_activity as the server calls it: with the id parsed once, by protocol.parse_id."""
+    origin, seq, _sent = protocol.parse_id(activity_id) or (None, None, None)
+    store.add_activity(position, activity_id, line_for(activity_id) if line is None else line, origin, seq)
+
+
 def fingerprint(path):
     """Everything that could show a file was touched: its bytes, size and mtime, and any
     SQLite side files next to it."""
@@ -72,7 +78,7 @@ def test_a_new_directory_is_created_and_a_restart_keeps_origin_users_blocked_nam
     store.block_name("mallory")
     ids = [own_id(store) for _ in range(5)]
     for position, activity_id in enumerate(ids, start=1):
-        store.add_activity(position, activity_id, line_for(activity_id))
+        record(store, position, activity_id)
     store.set_peer_mark("10.0.0.2:3780", ids[2])
     store.set_peer_mark("10.0.0.2:3780", ids[3])  # only the latest value counts
     origin = store.origin
@@ -113,19 +119,21 @@ def test_the_reservation_moves_ahead_of_the_numbers_handed_out(open_store, monke
 
 def test_positions_must_increase(open_store):
     store = open_store()
-    store.add_activity(5, "x1", b"{}\n")
+    record(store, 5, "x1")
     with pytest.raises(ValueError, match="position 5 is not above 5"):
-        store.add_activity(5, "x2", b"{}\n")
+        record(store, 5, "x2")
 
 
 def test_the_disk_keeps_at_most_disk_history_activities_and_load_reads_only_the_newest(open_store):
     store = open_store(disk_history=50)
     for position in range(1, 201):
         activity_id = own_id(store)
-        store.add_activity(position, activity_id, line_for(activity_id))
-    assert store.flush(timeout=10)
+        record(store, position, activity_id)
+        if position % 10 == 0:
+            assert store.flush(timeout=10)  # a segment (one commit) of 10
     with sqlite3.connect(store.path) as db:
-        assert db.execute("SELECT count(*), min(pos), max(pos) FROM activities").fetchone() == (50, 151, 200)
+        stored = db.execute("SELECT sum(count), min(first_pos), max(last_pos) FROM segments").fetchone()
+    assert stored == (50, 151, 200)  # whole segments go: here exactly disk_history are left
     loaded = store.load(history=10)
     assert [entry[0] for entry in loaded.history] == list(range(191, 201))
     assert loaded.marks == {store.origin: 200}  # the mark outlives the pruned activities
@@ -134,12 +142,12 @@ def test_the_disk_keeps_at_most_disk_history_activities_and_load_reads_only_the_
 def test_close_commits_everything_queued_and_later_writes_are_refused_loudly(data_dir):
     store = Store.open(data_dir)
     for position in range(1, 1001):
-        store.add_activity(position, f"foreign-{position}", b"{}\n")
+        record(store, position, f"foreign-{position}", b"{}\n")
     store.close()
     ticket = store.add_user("late", "s")
     with pytest.raises(StoreError, match="closed"):
         ticket.wait(timeout=1)
-    store.add_activity(1001, "foreign-1001", b"{}\n")
+    record(store, 1001, "foreign-1001", b"{}\n")
     assert store.status()["dropped_activities"] == 1
     with Store.open(data_dir) as again:
         assert again.load(history=2000).last_position == 1000
@@ -158,7 +166,7 @@ CHILD = textwrap.dedent("""
             position += 1
             seq = store.next_seq()
             activity_id = protocol.make_id(store.origin, seq, 0)
-            store.add_activity(position, activity_id, b'{"n":%d}\\n' % position)
+            store.add_activity(position, activity_id, b'{"n":%d}\\n' % position, store.origin, seq)
         ticket = store.add_user(f"user{n}", "secret")
         ticket.wait()
         print(f"acked user{n} position {position} seq {seq}", flush=True)
@@ -189,7 +197,7 @@ def test_kill_9_loses_no_acknowledged_user_nor_what_was_recorded_before_it_and_r
         assert loaded.last_position >= last_position  # all before the last ack is on disk
         assert store.next_seq() > last_seq + 1000  # above anything it could have handed out since
         with sqlite3.connect(store.path) as db:
-            assert db.execute("SELECT count(*), min(pos), max(pos) FROM activities").fetchone() == (
+            assert db.execute("SELECT sum(count), min(first_pos), max(last_pos) FROM segments").fetchone() == (
                 loaded.last_position, 1, loaded.last_position)
 
 
@@ -313,7 +321,7 @@ def test_a_failing_disk_is_reported_bounded_and_survived(open_store, monkeypatch
 
     big = b'{"command":"ACTIVITY_BROADCAST","activity":{"p":"%s"},"id":"x"}\n' % (b"x" * 2000)
     for position in range(1, 51):  # more than the pages the file has room for
-        store.add_activity(position, f"foreign-{position}", big)
+        record(store, position, f"foreign-{position}", big)
     status = wait_for(store.status, lambda s: s["failing"])
     assert reason in status["error"]
     ticket = store.add_user("alice", "s")  # REGISTER_SUCCESS must not be sent: say why
@@ -321,7 +329,7 @@ def test_a_failing_disk_is_reported_bounded_and_survived(open_store, monkeypatch
         ticket.wait(timeout=30)
 
     for position in range(51, 5002):  # far more than may wait: the relay never waits for the disk
-        store.add_activity(position, f"foreign-{position}", big)
+        record(store, position, f"foreign-{position}", big)
     status = store.status()
     assert status["queued"] <= 2 * 500  # the queue and the writer's batch, each bounded
     assert status["dropped_activities"] >= 5001 - 2 * 500
@@ -336,7 +344,7 @@ def test_a_failing_disk_is_reported_bounded_and_survived(open_store, monkeypatch
     assert not status["failing"] and status["queued"] == 0
     assert any("writes again" in r.getMessage() for r in caplog.records)
     assert store.add_user("bob", "s").wait(timeout=10)
-    store.add_activity(5002, "foreign-5002", big)
+    record(store, 5002, "foreign-5002", big)
     assert store.flush(timeout=10)
     loaded = store.load(history=10_000)
     assert loaded.users == {"alice": "s", "bob": "s"}  # alice was kept for the retry
@@ -357,12 +365,15 @@ def wait_for(read, condition, timeout=30.0):
 
 # --- recovery reads from disk follow recovery.missing_entries ---------------------------------
 
-def populate(store, history, entries):
-    """The same activities in the store and in an in-memory History, in the same order."""
-    for activity_id in entries:
+def populate(store, history, entries, commit_every=9):
+    """The same activities in the store and in an in-memory History, in the same order, stored
+    in segments of at most SEGMENT_MAX cut at least every ``commit_every``."""
+    for n, activity_id in enumerate(entries, start=1):
         line = line_for(activity_id)
         history.add(activity_id, line)
-        store.add_activity(history.last_no, activity_id, line)
+        record(store, history.last_no, activity_id, line)
+        if n % commit_every == 0:
+            assert store.flush(timeout=10)
     assert store.flush(timeout=10)
 
 
@@ -380,6 +391,7 @@ def interleaved_ids(origin_a):
 
 
 def from_disk(store, after_id, marks, **options):
+    """What store.missing gives a peer that sent ``after_id`` and ``marks``: flat, and in chunks."""
     after = store.position_of(after_id) if after_id else None
     chunks = list(store.missing(marks, after=after or 0, **options))
     return [entry for chunk in chunks for entry in chunk], chunks
@@ -400,9 +412,13 @@ def test_position_of_finds_own_and_foreign_ids_and_nothing_else(open_store):
 @pytest.fixture(scope="module")
 def shared(tmp_path_factory):
     """One populated store and its in-memory twin, for the property test below."""
+    segment_max, store_module.SEGMENT_MAX = store_module.SEGMENT_MAX, 4
     store = Store.open(tmp_path_factory.mktemp("shared"))
-    history = History(1000)
-    populate(store, history, interleaved_ids(store.origin))
+    try:
+        history = History(1000)
+        populate(store, history, interleaved_ids(store.origin))
+    finally:
+        store_module.SEGMENT_MAX = segment_max
     yield store, history
     store.close()
 
@@ -417,9 +433,9 @@ def test_missing_from_disk_equals_missing_entries_from_memory(shared, data):
     origins = [store.origin, ORIGIN_B, ORIGIN_C, "d" * 16]
     marks = data.draw(st.dictionaries(st.sampled_from(origins), st.integers(0, 45)))
     expected = recovery.missing_entries(history, after_id, marks)
-    got, chunks = from_disk(store, after_id, marks, chunk=7)
+    got, chunks = from_disk(store, after_id, marks)
     assert got == expected
-    assert all(0 < len(chunk) <= 7 for chunk in chunks)
+    assert all(0 < len(chunk) <= 4 for chunk in chunks)
 
 
 def test_missing_stops_below_what_memory_holds_and_a_peer_lacking_nothing_costs_no_scan(open_store):
@@ -433,3 +449,34 @@ def test_missing_stops_below_what_memory_holds_and_a_peer_lacking_nothing_costs_
     marks = {store.origin: 40, ORIGIN_B: 20, ORIGIN_C: 4}
     last_foreign = [i for i in ids if i.startswith("J")][-1]
     assert from_disk(store, last_foreign, marks) == ([], [])
+
+
+def test_names_and_ids_with_lone_surrogates_are_stored_like_any_other(open_store):
+    """JSON lets a peer send "\\ud800"; SQLite's TEXT would refuse it and fail every commit."""
+    store = open_store()
+    odd = "mal\ud800lory"
+    assert store.add_user(odd, "s\udfff").wait(timeout=10)
+    store.block_name("x\ud800")
+    record(store, 1, "foreign-\ud800", b'{"id":"foreign-\\ud800"}\n')
+    store.set_peer_mark("h:1", "foreign-\ud800")
+    assert store.flush(timeout=10)
+    loaded = store.load(history=10)
+    assert loaded.users == {odd: "s\udfff"} and loaded.blocked == {"x\ud800"}
+    assert loaded.history == [(1, "foreign-\ud800", b'{"id":"foreign-\\ud800"}\n')]
+    assert loaded.peer_marks == {"h:1": "foreign-\ud800"}
+    assert store.position_of("foreign-\ud800") == 1
+
+
+def test_a_ticket_calls_back_once_committed_so_a_connection_need_not_block(open_store):
+    store = open_store()
+    calls = []
+    tickets = [store.add_user(f"user{n}", "s") for n in range(100)]
+    for ticket in tickets:
+        ticket.add_done_callback(lambda t: calls.append((t, t.done(), t.error())))
+    assert tickets[-1].wait(timeout=10)
+    wait_for(lambda: len(calls), lambda n: n == 100)
+    assert [c[0] for c in calls] == tickets and all(c[1:] == (True, None) for c in calls)
+    late = []
+    tickets[0].add_done_callback(late.append)  # already settled: called at once
+    assert late == [tickets[0]]
+    assert set(store.load(history=0).users) == {f"user{n}" for n in range(100)}
