@@ -216,17 +216,23 @@ class Store:
         start the writer. Raises ``StoreError`` with a message naming the culprit."""
         data_dir = os.path.abspath(data_dir)
         lock = _lock_directory(data_dir)
+        path = os.path.join(data_dir, DB_NAME)
         try:
-            path = os.path.join(data_dir, DB_NAME)
             if not os.path.lexists(path):
                 _create(path)
             _check_ours(path)
             db = _connect(path, synchronous)
-            _migrate(db, path)
-            return cls(data_dir, path, lock, db, disk_history, synchronous, max_queue, retry_s,
-                       gather_s)
-        except BaseException:
+            try:
+                _migrate(db, path)
+                return cls(data_dir, path, lock, db, disk_history, synchronous, max_queue,
+                           retry_s, gather_s)
+            except BaseException:
+                db.close()
+                raise
+        except BaseException as exc:
             os.close(lock)
+            if isinstance(exc, (sqlite3.Error, OSError)):  # a damaged file, a full disk...
+                raise StoreError(f"cannot open the data store {path}: {exc}") from exc
             raise
 
     def __init__(self, data_dir, path, lock, db, disk_history, synchronous, max_queue, retry_s,
@@ -842,7 +848,6 @@ def _migrate(db, path):
     """Bring the database to SCHEMA_VERSION, refusing one from a newer version untouched."""
     version = db.execute("PRAGMA user_version").fetchone()[0]
     if version > SCHEMA_VERSION:
-        db.close()
         raise StoreError(f"{path} was written by a newer activitynet (schema version {version}; "
                          f"this one reads up to {SCHEMA_VERSION}); it was left untouched: upgrade "
                          "activitynet or choose another --data-dir")

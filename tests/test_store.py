@@ -480,3 +480,16 @@ def test_a_ticket_calls_back_once_committed_so_a_connection_need_not_block(open_
     tickets[0].add_done_callback(late.append)  # already settled: called at once
     assert late == [tickets[0]]
     assert set(store.load(history=0).users) == {f"user{n}" for n in range(100)}
+
+
+def test_a_damaged_database_gets_a_clear_error_not_a_traceback(data_dir):
+    with Store.open(data_dir) as store:
+        assert store.add_user("alice", "s").wait(timeout=10)
+        path = store.path
+    with open(path, "r+b") as file:  # keep our header, scribble over the pages after it
+        file.seek(100)
+        file.write(b"\xff" * 8000)
+    before = fingerprint(path)[:3]
+    with pytest.raises(StoreError, match=f"cannot open the data store {path}"):
+        Store.open(data_dir)
+    assert fingerprint(path)[:3] == before  # (SQLite may leave an empty -wal and -shm beside it)
