@@ -17,8 +17,8 @@ one or two commit times. ``add_user`` returns a ``Ticket``: the server waits on 
 lock and sends REGISTER_SUCCESS only once the user is committed.
 
 Activities are stored a commit at a time, as segments (see ``_SCHEMA_1``): the writer costs
-about 2 us of CPU per activity, most of it outside the GIL, where a row per activity cost 5-7 us
-and a GIL hand-over per row.
+2-4 us of CPU per activity here (pruning included; about 1 us of it holds the GIL), where a row
+per activity cost 5-7 us and a GIL hand-over per row (``python -m benchmarks.store_bench``).
 
 Reads (``load`` at start-up, ``position_of`` and ``missing`` for recovery) open their own
 connection: under WAL they never block the writer, nor it them. ``missing`` reads in chunks, each
