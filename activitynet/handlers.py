@@ -176,6 +176,8 @@ def dispatch_message(ctx, session, message):
     if handler is None:
         raise InvalidMessage(_refusal(session.role, command))
     schemas.validate(message)
+    if session.held and handler is not handle_register:
+        ctx.state.send_held(session)  # REGISTER_SUCCESS replies first, once committed
     handler(ctx, session, message)
 
 

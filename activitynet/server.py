@@ -16,6 +16,10 @@ Options (the Project 1 flag in brackets):
                             this often, and at least once a second [default: 5000]
   --bind=ADDRESS            address to listen on [default: 0.0.0.0]
   --history=N               activities kept for partition recovery [default: 100000]
+  --data-dir=DIR            keep users, blocked names, this server's identity and the
+                            activity history in DIR, across restarts (default: in memory
+                            only; every start is a fresh server)
+  --disk-history=N          activities kept in --data-dir for recovery [default: 1000000]
   --max-line=BYTES          longest line accepted from a client [default: 1048576]
   --max-outbox=BYTES        unsent bytes after which a client is too slow and is
                             disconnected [default: 16777216]
@@ -42,6 +46,7 @@ from .connection import Connection, LineTooLong, PlainTransport, Poller
 from .links import MAX_RETRY_WAIT, Dialer, Heartbeat
 from .protocol import InvalidMessage, ProtocolError, encode
 from .state import State
+from .store import Store, StoreError
 
 log = logging.getLogger("activitynet.server" if __name__ == "__main__" else __name__)
 
@@ -77,6 +82,8 @@ class Settings:
     server_max_line: int = SERVER_MAX_LINE
     server_max_outbox: int = SERVER_MAX_OUTBOX
     log_level: str = "info"
+    data_dir: str | None = None
+    disk_history: int = 1_000_000
 
 
 class Server:
@@ -95,16 +102,26 @@ class Server:
         self.stopping = threading.Event()
         self._stopped = threading.Event()  # set while serve_forever is not running
         self._stopped.set()
+        # StoreError for a bad data directory (locked, not ours, newer): before the listener
+        self.store = Store.open(settings.data_dir, settings.disk_history) if settings.data_dir else None
         self.listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         self.listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             self.listener.bind((settings.bind, settings.local_port))
-        except OSError:
+            self.listener.listen(LISTEN_BACKLOG)
+            self.port = self.listener.getsockname()[1]
+            self.state = State(settings.local_host, self.port, history_size=settings.history,
+                               store=self.store)
+        except BaseException:
             self.listener.close()
+            if self.store is not None:
+                self.store.close()
             raise
-        self.listener.listen(LISTEN_BACKLOG)
-        self.port = self.listener.getsockname()[1]
-        self.state = State(settings.local_host, self.port, history_size=settings.history)
+        if self.store is not None:
+            snapshot = self.state.snapshot()
+            log.info("data store %s: %d users, %d blocked names, %d activities in memory, origin %s",
+                     self.store.path, snapshot["users"], snapshot["blocked"],
+                     snapshot["history"]["entries"], self.state.origin)
         self.poller = Poller()
         self.context = handlers.Context(self.state, self.secret, self._trust_as_server)
         self._conns_lock = threading.Lock()  # guards _conns
@@ -118,6 +135,11 @@ class Server:
     @property
     def address(self):
         return self.settings.local_host, self.port
+
+    def store_status(self):
+        """The data store's ``status()`` (plain data; ``failing`` is True while the disk refuses
+        writes: the server still relays), or None without --data-dir. For health checks."""
+        return None if self.store is None else self.store.status()
 
     def serve_forever(self):
         self._stopped.clear()
@@ -184,7 +206,7 @@ class Server:
                 if ending is not None:
                     break
         except LineTooLong as exc:
-            ending = _ending_for(InvalidMessage(
+            ending = self._send_held(session) or _ending_for(InvalidMessage(
                 f"line of {exc.args[0]} bytes or more is longer than the limit of {conn.max_line} bytes"))
         except Exception:
             log.exception("error serving %s; closing it", conn.name)
@@ -207,7 +229,16 @@ class Server:
             try:
                 handlers.dispatch_line(self.context, session, line)
             except (ProtocolError, handlers.Goodbye) as exc:
-                return _ending_for(exc)
+                return self._send_held(session) or _ending_for(exc)
+        return self._send_held(session) if session.held else None
+
+    def _send_held(self, session):
+        """Replies held for a commit go out before the batch's flush or the last reply
+        (``State.send_held``); returns an ending if one could not be committed."""
+        try:
+            self.state.send_held(session)
+        except ProtocolError as exc:
+            return _ending_for(exc)
         return None
 
     def _trust_as_server(self, session):
@@ -244,6 +275,8 @@ class Server:
             if worker is not threading.current_thread():
                 worker.join(max(0.0, deadline - time.monotonic()))
         self.poller.close()
+        if self.store is not None:
+            self.store.close()  # commits what is queued, then releases the data directory
 
 
 def _ending_for(exc):
@@ -291,7 +324,15 @@ def parse_settings(argv):
         max_line=cli.positive_int(args["--max-line"], "--max-line", minimum=64),
         max_outbox=cli.positive_int(args["--max-outbox"], "--max-outbox", minimum=1024),
         log_level=level,
+        data_dir=_data_dir(args["--data-dir"]),
+        disk_history=cli.positive_int(args["--disk-history"], "--disk-history"),
     )
+
+
+def _data_dir(value):
+    if value is not None and not value.strip():
+        raise cli.UsageError("--data-dir must not be empty")
+    return value
 
 
 def raise_open_files_limit():
@@ -317,6 +358,9 @@ def run(argv, stdout=sys.stdout, stderr=sys.stderr):
     sys.setswitchinterval(SWITCH_INTERVAL)
     try:
         server = Server(settings)
+    except StoreError as exc:
+        print(f"activitynet.server: {exc}", file=stderr)
+        return 1
     except OSError as exc:
         print(f"activitynet.server: cannot listen on {settings.bind}:{settings.local_port}: "
               f"{exc.strerror or exc}", file=stderr)

@@ -22,7 +22,7 @@ class Session:
 
     # Slots: a server may hold 10,000 idle connections.
     __slots__ = ("id", "outbox", "address", "since", "role", "username", "secret", "logged_in",
-                 "logged_in_at", "link", "bucket", "messages_in", "messages_out", "__weakref__")
+                 "logged_in_at", "link", "bucket", "messages_in", "messages_out", "held", "__weakref__")
 
     def __init__(self, session_id, outbox, address):
         self.id = session_id
@@ -38,6 +38,9 @@ class Session:
         self.bucket = None  # room for a rate limiter
         self.messages_in = 0
         self.messages_out = 0
+        # [(store ticket, REGISTER_SUCCESS line, username)] waiting for their commit; only the
+        # connection's own reader thread touches it (see State.send_held)
+        self.held = None
 
     def __repr__(self):
         return f"<Session {self.id} {self.address} {self.role}>"

@@ -336,6 +336,11 @@ class Store:
         self._peer_marks[peer_key] = value
         self._poke()
 
+    @property
+    def failing(self):
+        """Whether the last commit failed (the disk is full, read-only or broken)."""
+        return self._failure is not None
+
     def flush(self, timeout=None):
         """Wait (outside the state lock) until everything recorded before is committed; returns
         False on timeout, raises StoreError if the disk is failing."""
@@ -592,9 +597,10 @@ class Store:
                         return position
         return None
 
-    def missing(self, marks=None, after=0, below=None):
+    def missing(self, marks=None, after=0, below=None, start=0):
         """Stored activities a peer lacks, in position order, as lists (at most SEGMENT_MAX
-        long) of (position, id, line); only positions below ``below`` (what memory lacks).
+        long) of (position, id, line); only positions from ``start`` and below ``below`` (what
+        memory lacks).
 
         The rule is ``recovery.missing_entries``'s: without ``marks``, everything after
         position ``after``; with marks (origin -> highest seq the peer holds), our ids above the
@@ -607,10 +613,11 @@ class Store:
             if marks:
                 nos = dict(db.execute("SELECT no, origin FROM origins"))
                 need_above = {no: marks.get(origin, 0) for no, origin in nos.items()}
-                start = _first_needed(db, need_above, after)
+                first = _first_needed(db, need_above, after)
             else:
                 need_above = None
-                start = after + 1
+                first = after + 1
+            start = None if first is None else max(first, start)
             while start is not None and start < end:
                 segments = db.execute(f"SELECT last_pos, {_SEGMENT_COLUMNS} FROM segments "
                                       "WHERE last_pos >= ? ORDER BY last_pos LIMIT 8",
