@@ -25,17 +25,12 @@ MAX_RETRY_WAIT = 1.0  # a healed partition must be noticed within ~2 s; a try a 
 STABLE = 5.0  # a link that lived this long resets the backoff
 
 
-class Dialer:
-    """Keeps one outgoing link to ``host:port`` up until ``stopping`` is set."""
+class _Worker:
+    """A daemon thread running ``self._run`` until ``stopping`` is set."""
 
-    def __init__(self, host, port, max_wait, stopping, serve_link):
-        self.host = host
-        self.port = port
-        self.peer_key = f"{host}:{port}"
-        self.max_wait = max_wait
+    def __init__(self, name, stopping):
         self.stopping = stopping
-        self.serve_link = serve_link
-        self.thread = threading.Thread(target=self._run, name=f"dial-{self.peer_key}", daemon=True)
+        self.thread = threading.Thread(target=self._run, name=name, daemon=True)
 
     def start(self):
         self.thread.start()
@@ -43,6 +38,18 @@ class Dialer:
     def join(self, timeout):
         if self.thread.ident is not None:  # started
             self.thread.join(timeout)
+
+
+class Dialer(_Worker):
+    """Keeps one outgoing link to ``host:port`` up until ``stopping`` is set."""
+
+    def __init__(self, host, port, max_wait, stopping, serve_link):
+        self.host = host
+        self.port = port
+        self.peer_key = f"{host}:{port}"
+        self.max_wait = max_wait
+        self.serve_link = serve_link
+        super().__init__(f"dial-{self.peer_key}", stopping)
 
     def _run(self):
         wait = FIRST_RETRY
@@ -76,21 +83,13 @@ class Dialer:
             wait = min(wait * 2, self.max_wait)
 
 
-class Heartbeat:
+class Heartbeat(_Worker):
     """One thread for all links: ``state.tick`` (``h``, the recovery clock), then close the
     silent links it names (outside the state lock)."""
 
     def __init__(self, state, stopping):
         self.state = state
-        self.stopping = stopping
-        self.thread = threading.Thread(target=self._run, name="heartbeat", daemon=True)
-
-    def start(self):
-        self.thread.start()
-
-    def join(self, timeout):
-        if self.thread.ident is not None:  # started
-            self.thread.join(timeout)
+        super().__init__("heartbeat", stopping)
 
     def _run(self):
         while not self.stopping.wait(HEARTBEAT_EVERY):
