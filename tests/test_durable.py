@@ -60,9 +60,12 @@ def with_dir(directory, *more):
 
 
 def restart(process):
-    """Start a killed server again on its port, with its arguments (and so its data dir)."""
+    """Start a killed server again on its port, with its arguments (and so its data dir);
+    returns where its log of this run starts (for ``wait_log``)."""
     assert not process.alive()
-    return process.start(timeout=LONG)
+    mark = process.log_mark()
+    process.start(timeout=LONG)
+    return mark
 
 
 def wait_log(process, pattern, since=0):
@@ -136,10 +139,9 @@ def test_full_network_restart_keeps_users_blocked_names_and_relays_anew(make_pro
 
     for server in servers:
         server.kill()
-    for server in servers:
-        restart(server)
-    wait_log(c, rf"connected to server 127\.0\.0\.1:{b.port}", since=c._start_mark)
-    wait_log(b, rf"connected to server 127\.0\.0\.1:{a.port}", since=b._start_mark)
+    marks = [restart(server) for server in servers]
+    wait_log(c, rf"connected to server 127\.0\.0\.1:{b.port}", since=marks[2])
+    wait_log(b, rf"connected to server 127\.0\.0\.1:{a.port}", since=marks[1])
 
     for server in servers:
         for name, secret in users.items():
@@ -181,8 +183,8 @@ def test_restarted_server_gets_from_a_peers_disk_what_left_its_memory(make_proce
     b.kill()
     send(sender, "outage", 300)
     wait_until(lambda: stored_activities(dir_a) >= 305, LONG, message="A to store all 305")
-    restart(b)
-    wait_log(b, rf"connected to server 127\.0\.0\.1:{a.port}", since=b._start_mark)
+    mark = restart(b)
+    wait_log(b, rf"connected to server 127\.0\.0\.1:{a.port}", since=mark)
     wait_until(lambda: stored_activities(dir_b) >= 305, LONG, message="B to store all 305")
     assert a.find_log(r"sent \S+ 270 activities from disk")  # what A's memory no longer held
     send(sender, "later", 3)
