@@ -103,6 +103,7 @@ class Server:
         self._stopped = threading.Event()  # set while serve_forever is not running
         self._stopped.set()
         # StoreError for a bad data directory (locked, not ours, newer): before the listener
+        opening = time.perf_counter()
         self.store = Store.open(settings.data_dir, settings.disk_history) if settings.data_dir else None
         self.listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         self.listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -119,9 +120,9 @@ class Server:
             raise
         if self.store is not None:
             snapshot = self.state.snapshot()
-            log.info("data store %s: %d users, %d blocked names, %d activities in memory, origin %s",
-                     self.store.path, snapshot["users"], snapshot["blocked"],
-                     snapshot["history"]["entries"], self.state.origin)
+            log.info("data store %s: %d users, %d blocked names, %d activities in memory, origin %s; "
+                     "loaded in %.3f s", self.store.path, snapshot["users"], snapshot["blocked"],
+                     snapshot["history"]["entries"], self.state.origin, time.perf_counter() - opening)
         self.poller = Poller()
         self.context = handlers.Context(self.state, self.secret, self._trust_as_server)
         self._conns_lock = threading.Lock()  # guards _conns

@@ -115,7 +115,9 @@ class State:
             if ticket is None:
                 session.send(reply)
             else:
-                session.held = [*(session.held or ()), (ticket, reply, username)]
+                if session.held is None:
+                    session.held = []
+                session.held.append((ticket, reply, username))
             self._to_links(encode(protocol.new_user(username, secret)))
 
     def send_held(self, session, timeout=COMMIT_WAIT):
