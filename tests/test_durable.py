@@ -17,6 +17,7 @@ import threading
 import pytest
 
 from activitynet import protocol, store
+from activitynet.state import State
 from activitynet.store import Store
 from harness import ROOT, SECRET, LineClient, wait_until
 from recorder import log_in_here, sequences, try_login, try_register
@@ -348,3 +349,69 @@ def test_a_failing_disk_is_reported_and_the_server_keeps_relaying(make_server, t
     assert try_register(server.port, "zed", "z") == "REGISTER_SUCCESS"
     receiver.close()
     client.close()
+
+
+# --- the answer from disk, in one State (fake outboxes, a real store) ---------------------------
+
+class FakeOutbox:
+    """What State needs of a connection; keeps the ids of the activities it was sent."""
+
+    def __init__(self):
+        self.ids = []
+        self.last_heard = 0.0
+
+    def send(self, data):
+        message = json.loads(data) if data.strip() else {}
+        if message.get("command") == "ACTIVITY_BROADCAST":
+            self.ids.append(message["id"])
+
+    def send_last(self, data, reason):
+        self.send(data)
+
+    def queued_bytes(self):
+        return 0
+
+
+ORIGIN_B = "b0b0b0b0b0b0b0b0"
+
+
+def own(seq):
+    return protocol.make_id(ORIGIN_B, seq, 1_700_000_000_000 + seq)
+
+
+def test_answer_from_disk_then_memory_also_what_memory_evicted_meanwhile(tmp_path):
+    """Memory holds 10; the store all. A peer asking with marks gets everything above its mark:
+    the disk part, then (since 15 more arrived while the disk was read, evicting what the first
+    pass did not cover) a second disk pass, then memory, then live: each once, in order."""
+    with Store.open(str(tmp_path / "s")) as kept:
+        state = State("127.0.0.1", 4000, history_size=10, store=kept)
+        source = state.open_session(FakeOutbox(), "source")
+        state.accept_link(source)
+        state.peer_announced(source, 100, "127.0.0.1", 5000)
+        for seq in range(1, 101):
+            assert state.server_activity(source, {"seq": seq}, own(seq))
+        asking = state.open_session(FakeOutbox(), "asking")
+        state.accept_link(asking)
+        passes = []
+        first_pass = state._send_stored
+
+        def arrivals_during_the_read(*args):
+            first_pass(*args)
+            passes.append(args[3:])  # (start, below)
+            if len(passes) == 1:
+                for seq in range(101, 116):
+                    state.server_activity(source, {"seq": seq}, own(seq))
+        state._send_stored = arrivals_during_the_read
+        state.peer_asked(asking, "", {ORIGIN_B: 5})
+        state.server_activity(source, {"seq": 116}, own(116))
+        assert passes == [(1, 91), (91, 106)]
+        assert asking.outbox.ids == [own(seq) for seq in range(6, 117)]
+
+        # A peer without marks (another implementation): after an id only the disk still holds
+        # it gets what follows it; after an unknown id, what memory holds (as without a store).
+        state._send_stored = first_pass
+        for after, expected in ((own(50), range(51, 117)), ("unknown", range(107, 117))):
+            peer = state.open_session(FakeOutbox(), f"plain-{after}")
+            state.accept_link(peer)
+            state.peer_asked(peer, after, None)
+            assert peer.outbox.ids == [own(seq) for seq in expected]
