@@ -24,12 +24,14 @@ Reads (``load`` at start-up, ``position_of`` and ``missing`` for recovery) open 
 connection: under WAL they never block the writer, nor it them. ``missing`` reads in chunks, each
 its own short read transaction, so a long refill neither holds memory nor pins the WAL.
 
-How the server uses it (issue 10): ``Store.open(dir, disk_history)`` at start-up, ``load(history)``
-to seed the user directory, blocked names, history, de-duplication marks and per-peer marks;
-``next_seq()`` for every own id; under the state lock ``add_user`` (then REGISTER_SUCCESS once its
-ticket is settled), ``block_name``, ``add_activity`` with the history position, ``set_peer_mark``;
-outside it ``missing(marks, after, below=first position in memory)`` to refill a peer from disk
-before the in-memory part; ``status()`` for the monitor; ``close()`` after the last connection.
+How the server uses it (issue 10): ``Store.open(dir, disk_history)`` at start-up (``Server``),
+``load(history)`` to seed the user directory, blocked names, history, de-duplication marks and
+per-peer marks (``State._restore``); ``next_seq()`` for every own id; under the state lock
+``add_user`` (``users.DurableUsers``; the connection's reader thread sends REGISTER_SUCCESS once
+the ticket is settled, ``State.send_held``), ``block_name``, ``add_activity`` with the history
+position, ``set_peer_mark``; outside it ``missing(marks, after, below=first position in memory)``
+to refill a peer from disk before the in-memory part (``State.peer_asked``); ``status()`` for
+health checks (``Server.store_status``); ``close()`` after the last connection.
 
 What a crash can lose (journal_mode=WAL, synchronous=FULL)
 ----------------------------------------------------------
