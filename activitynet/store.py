@@ -307,8 +307,9 @@ class Store:
             ticket._done = True
             return ticket
         self._queue.append((_USER, name, secret, ticket))
-        self._urgent.set()
-        self._wake.set()
+        if not self._urgent.is_set():  # (an Event's set takes its lock: not once per user)
+            self._urgent.set()
+            self._wake.set()
         return ticket
 
     def block_name(self, name):
