@@ -72,7 +72,7 @@ def _chain(ctx, cluster, count):
 
 @scenario("durable-chain", "chain throughput with --data-dir on both servers vs in memory, "
           "in one run; disk bytes per stored activity",
-          full={"count": 300_000}, short={"count": 100_000}, smoke={"count": 2_000})
+          full={"count": 300_000}, short={"count": 100_000}, smoke={"count": 2_000, "rounds": 1})
 def durable_chain(ctx, count, rounds=2):
     """Rounds alternate (memory, data dir, memory, ...) and each side's best counts, so a change
     in the machine's load during the run does not favour one side."""
