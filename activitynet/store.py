@@ -46,7 +46,8 @@ What a crash can lose (journal_mode=WAL, synchronous=FULL)
   ``benchmarks/store_bench.py`` for both figures.)
 - Sequence numbers are never reused: the database holds a reservation ``SEQ_BLOCK`` ahead of the
   numbers handed out (refreshed by the writer), and a restart starts above it. Ids lost in a crash
-  leave a gap in that origin's sequence, which peers' de-duplication accepts.
+  leave a gap in that origin's sequence, which peers' de-duplication accepts (a peer that holds
+  activities back until a sender's gap fills waits out its hold time once per restart).
 - A failing disk (full, read-only, I/O error) loses durability, not service: the writer logs it
   loudly (once, then every ``LOG_EVERY_S``), keeps at most ``max_queue`` entries queued (writes
   beyond are refused and counted) and at most ``max_queue`` in its batch for the retry (the
