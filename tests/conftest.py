@@ -4,6 +4,8 @@ import logging
 
 import pytest
 
+from activitynet.testing.netcut import Relay
+
 import lockcheck
 from harness import LocalServer, ServerProcess, server_errors
 
@@ -64,3 +66,27 @@ def make_process():
     yield make
     for process in reversed(processes):
         process.stop()
+
+
+@pytest.fixture
+def make_relay():
+    """``make_relay(target_port, **options)`` -> a ``netcut.Relay``, closed after the test."""
+    relays = []
+
+    def make(target_port, **options):
+        relay = Relay(target_port, **options)
+        relays.append(relay)
+        return relay
+
+    yield make
+    for relay in relays:
+        relay.close()
+
+
+@pytest.fixture
+def recorders():
+    """Recorders to close after the test: ``recorders.append(r)``."""
+    opened = []
+    yield opened
+    for recorder in opened:
+        recorder.close()
