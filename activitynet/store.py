@@ -556,7 +556,15 @@ class Store:
 
     def load(self, history):
         """The committed state a restarting server starts from; ``history`` is how many of the
-        newest activities to read (the in-memory ``--history``), never the whole disk."""
+        newest activities to read (the in-memory ``--history``), never the whole disk. Raises
+        StoreError if the database cannot be read (a damaged file)."""
+        try:
+            return self._load(history)
+        except (sqlite3.Error, ValueError, UnicodeDecodeError) as exc:
+            raise StoreError(f"cannot read the data store {self.path}: {exc}; move it away "
+                             "or choose another --data-dir") from exc
+
+    def _load(self, history):
         with _reader(self.path) as db:
             users = {_text(name): _text(secret)
                      for name, secret in db.execute("SELECT name, secret FROM users")}
