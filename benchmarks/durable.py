@@ -176,6 +176,7 @@ def durable_cold_start(ctx, users, activities):
         _fill(os.path.join(root, "A"), users, activities)
         ctx.details["fill_seconds"] = round(time.perf_counter() - started, 1)
         figures = {}
+        restored = {}  # --history -> (users, activities in memory) the server says it loaded
         for history in (100_000, 10_000):
             with _data_cluster(ctx, root) as cluster:
                 a = cluster.start("A", extra=["--history", str(history)])
@@ -184,8 +185,10 @@ def durable_cold_start(ctx, users, activities):
                 client = log_in(a.port, "user000000", "secret0", alone=True)
                 client.close()
                 rss, peak = a.memory_mib()
-                loaded = a.find_log(r"loaded in ([0-9.]+) s")
-                figures[history] = (listening, float(loaded.group(1)) if loaded else None, peak or rss)
+                loaded = a.find_log(r": (\d+) users, \d+ blocked names, (\d+) activities in memory, "
+                                    r".*loaded in ([0-9.]+) s")
+                figures[history] = (listening, float(loaded.group(3)) if loaded else None, peak or rss)
+                restored[history] = (int(loaded.group(1)), int(loaded.group(2))) if loaded else (0, 0)
                 disk_mb = cluster.disk_bytes("A") / 2**20
     for history, (listening, loading, peak) in figures.items():
         ctx.row(f"process start -> listening (--history {history:,})", round(listening, 3), "s",
@@ -193,6 +196,11 @@ def durable_cold_start(ctx, users, activities):
         if loading is not None:
             ctx.row("  of which: open the store and load it", loading, "s")
         ctx.row(f"  peak RSS (--history {history:,})", round(peak, 1), "MB")
+    wrong = sum(abs(users - got_users) + abs(min(history, activities) - got_activities)
+                for history, (got_users, got_activities) in restored.items())
+    ctx.details["restored"] = restored
+    ctx.row("users and activities not loaded as expected (both starts)", wrong, "", Target("==", 0),
+            check=True)
     ctx.row(f"peak RSS, --history 100,000, {activities:,} activities on disk",
             round(figures[100_000][2], 1), "MB", Target("<", round(disk_mb)),
             f"the database is {disk_mb:.0f} MB: memory follows --history, not the disk")
