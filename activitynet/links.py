@@ -63,22 +63,24 @@ class Dialer(_Worker):
                 # A long partition must not flood the log: the first failure, then about one a minute.
                 level = logging.WARNING if tries == 1 or tries % 60 == 0 else logging.DEBUG
                 log.log(level, "cannot reach server %s (%s, try %d); retrying in %.1f s",
-                        self.peer_key, exc.strerror or exc, tries, wait)
+                        self.peer_key, exc.strerror or exc, tries, wait, extra={"peer": self.peer_key})
                 stopping.wait(wait)
                 wait = min(wait * 2, self.max_wait)
                 continue
-            log.info("connected to server %s (try %d)", self.peer_key, tries)
+            log.info("connected to server %s (try %d)", self.peer_key, tries, extra={"peer": self.peer_key})
             tries = 0
             started = time.monotonic()
             session, reason = self.serve_link(sock, self.peer_key)
             if session is not None and session.link is not None and session.link.refused:
-                log.error("server %s refused our secret; not redialling it", self.peer_key)
+                log.error("server %s refused our secret; not redialling it", self.peer_key,
+                          extra={"peer": self.peer_key})
                 return
             if stopping.is_set():
                 return
             if time.monotonic() - started >= STABLE:
                 wait = FIRST_RETRY
-            log.warning("link to server %s broke (%s); redialling in %.1f s", self.peer_key, reason, wait)
+            log.warning("link to server %s broke (%s); redialling in %.1f s", self.peer_key, reason, wait,
+                        extra={"peer": self.peer_key})
             stopping.wait(wait)
             wait = min(wait * 2, self.max_wait)
 
@@ -95,5 +97,6 @@ class Heartbeat(_Worker):
         while not self.stopping.wait(HEARTBEAT_EVERY):
             now = time.monotonic()
             for outbox in self.state.tick(now, SILENCE):
-                log.warning("server link %s silent for %.1f s; closing it", outbox.name, now - outbox.last_heard)
+                log.warning("server link %s silent for %.1f s; closing it", outbox.name, now - outbox.last_heard,
+                            extra={"conn": outbox.name})
                 outbox.close("silent")

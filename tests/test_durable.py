@@ -13,6 +13,8 @@ import sqlite3
 import subprocess
 import sys
 import threading
+import urllib.error
+import urllib.request
 
 import pytest
 
@@ -322,8 +324,19 @@ def test_pipelined_register_then_login_get_their_replies_in_order(make_server, t
     client.close()
 
 
+def healthz(server):
+    """(status, body) of the server's monitor /healthz."""
+    host, port = server.server.monitor.address
+    try:
+        with urllib.request.urlopen(f"http://{host}:{port}/healthz", timeout=LONG) as reply:
+            return reply.status, json.load(reply)
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.load(exc)
+
+
 def test_a_failing_disk_is_reported_and_the_server_keeps_relaying(make_server, tmp_path, caplog):
-    server = make_server(data_dir=data_dir(tmp_path, "a"))
+    server = make_server(data_dir=data_dir(tmp_path, "a"), monitor_port=0)
+    assert healthz(server) == (200, {"status": "ok"})
     receiver = LineClient(server.port)
     receiver.send({"command": "LOGIN", "username": "anonymous"})
     receiver.expect("LOGIN_SUCCESS")
@@ -337,6 +350,8 @@ def test_a_failing_disk_is_reported_and_the_server_keeps_relaying(make_server, t
     status = server.server.store_status()
     assert "disk I/O error" in status["error"]
     assert any("cannot write" in r.getMessage() and r.levelname == "ERROR" for r in caplog.records)
+    code, body = healthz(server)
+    assert code == 503 and body["status"] == "failing" and "disk I/O error" in body["error"]
     # still relaying; a registration is refused, not acknowledged without being stored
     receiver.send({"command": "ACTIVITY_MESSAGE", "username": "anonymous", "activity": {"n": 2}})
     assert receiver.expect("ACTIVITY_BROADCAST")["activity"]["n"] == 2
@@ -347,6 +362,7 @@ def test_a_failing_disk_is_reported_and_the_server_keeps_relaying(make_server, t
     del server.server.store._commit  # the disk heals: writes resume
     wait_until(lambda: not server.server.store_status()["failing"], message="the store to recover")
     assert try_register(server.port, "zed", "z") == "REGISTER_SUCCESS"
+    assert healthz(server) == (200, {"status": "ok"})
     receiver.close()
     client.close()
 
