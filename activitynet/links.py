@@ -8,7 +8,9 @@ heartbeat line ``h`` about every second; a link silent for ``SILENCE`` seconds i
 peer, a cut cable) and is closed.
 
 Neither holds the ``Server``: the dialler gets a function that serves one dialled socket as a
-link until it ends (``serve_link(sock, peer_key) -> Session``), the heartbeat gets the state.
+link until it ends (``serve_link(sock, peer_key) -> (Session or None, why it ended)``; None when
+the link never came up, e.g. a TLS handshake the peer refused: that counts as a failed try, logged
+like an unreachable peer), the heartbeat gets the state.
 """
 
 import logging
@@ -60,27 +62,30 @@ class Dialer(_Worker):
             try:
                 sock = socket.create_connection((self.host, self.port), timeout=5)
             except OSError as exc:
-                # A long partition must not flood the log: the first failure, then about one a minute.
-                level = logging.WARNING if tries == 1 or tries % 60 == 0 else logging.DEBUG
-                log.log(level, "cannot reach server %s (%s, try %d); retrying in %.1f s",
-                        self.peer_key, exc.strerror or exc, tries, wait, extra={"peer": self.peer_key})
-                stopping.wait(wait)
-                wait = min(wait * 2, self.max_wait)
-                continue
-            log.info("connected to server %s (try %d)", self.peer_key, tries, extra={"peer": self.peer_key})
-            tries = 0
-            started = time.monotonic()
-            session, reason = self.serve_link(sock, self.peer_key)
-            if session is not None and session.link is not None and session.link.refused:
-                log.error("server %s refused our secret; not redialling it", self.peer_key,
-                          extra={"peer": self.peer_key})
-                return
-            if stopping.is_set():
-                return
-            if time.monotonic() - started >= STABLE:
-                wait = FIRST_RETRY
-            log.warning("link to server %s broke (%s); redialling in %.1f s", self.peer_key, reason, wait,
-                        extra={"peer": self.peer_key})
+                reason = exc.strerror or str(exc)
+            else:
+                log.info("connected to server %s (try %d)", self.peer_key, tries, extra={"peer": self.peer_key})
+                started = time.monotonic()
+                session, reason = self.serve_link(sock, self.peer_key)
+                if session is not None:  # it was up (serve_link said so; a failed TLS handshake never is)
+                    tries = 0
+                    if session.link is not None and session.link.refused:
+                        log.error("server %s refused our secret; not redialling it", self.peer_key,
+                                  extra={"peer": self.peer_key})
+                        return
+                    if stopping.is_set():
+                        return
+                    if time.monotonic() - started >= STABLE:
+                        wait = FIRST_RETRY
+                    log.warning("link to server %s broke (%s); redialling in %.1f s", self.peer_key, reason,
+                                wait, extra={"peer": self.peer_key})
+                    stopping.wait(wait)
+                    wait = min(wait * 2, self.max_wait)
+                    continue
+            # A long partition must not flood the log: the first failure, then about one a minute.
+            level = logging.WARNING if tries == 1 or tries % 60 == 0 else logging.DEBUG
+            log.log(level, "cannot reach server %s (%s, try %d); retrying in %.1f s",
+                    self.peer_key, reason, tries, wait, extra={"peer": self.peer_key})
             stopping.wait(wait)
             wait = min(wait * 2, self.max_wait)
 

@@ -15,7 +15,7 @@ from activitynet.store import Store
 
 from .cluster import BenchmarkError, Cluster
 from .report import Target
-from .scenarios import (CHAIN_WINDOW, CpuClock, close_all, hand_over, log_in, register_all,
+from .scenarios import (CHAIN_WINDOW, RAW_THROUGHPUT, CpuClock, close_all, hand_over, log_in, register_all,
                         scenario, send_stream, sender_on_a_receiver_on_b, stream_seconds,
                         wait_received, warm_up)
 from .streams import PAD, Receiver, Tally
@@ -50,7 +50,9 @@ class _TemporaryRoot:
 
 
 def _data_cluster(ctx, root, **kwargs):
-    """``ctx.cluster`` with data directories (the profiler and the tracebacks row see it too)."""
+    """``ctx.cluster`` with data directories (the profiler and the tracebacks row see it too),
+    with its ``--rate-limit 0`` as well: raw throughput, like the in-memory side."""
+    kwargs.setdefault("extra", RAW_THROUGHPUT)
     cluster = DataCluster(root, **kwargs)
     ctx.clusters.append(cluster)
     if ctx.profile is not None:
