@@ -85,6 +85,13 @@ class State:
         self._names = collections.Counter()  # username -> its logged-in sessions (for the monitor)
         self._links = {}  # authenticated server sessions -> their recovery.Link
 
+    def batch(self):
+        """A section holding the state lock across several verbs (each takes it again: it is
+        reentrant), for a reader thread's batch of lines: one hold instead of one per line,
+        and what the batch sends is queued once per connection (see ``connection.Outgoing``).
+        Keep batches bounded: other connections wait for the lock meanwhile."""
+        return self._locked
+
     # --- sessions --------------------------------------------------------------------------
 
     def open_session(self, outbox, address, secure=False):
@@ -306,8 +313,11 @@ class State:
                     self._take(session, link.tick(now))
         return silent
 
-    def server_activity(self, session, activity, activity_id):
-        """An ACTIVITY_BROADCAST from a neighbour: de-duplicate, keep, deliver, forward."""
+    def server_activity(self, session, activity, activity_id, received=None):
+        """An ACTIVITY_BROADCAST from a neighbour: de-duplicate, keep, deliver, forward.
+
+        ``received`` is the line as it arrived, when it may be relayed unchanged
+        (``protocol.relayable_broadcast``): then it is not encoded again."""
         with self._locked:
             link = self._links.get(session)
             if link is not None:
@@ -323,7 +333,10 @@ class State:
             self.counters.activities_from_servers += 1
             if link is not None and parsed is not None and parsed[2] < link.since * 1000:
                 self.counters.activities_recovered += 1  # sent before this link came up: its backlog
-            line = encode(protocol.activity_broadcast(activity, activity_id))
+            if received is not None:
+                line = received + b"\n"
+            else:
+                line = encode(protocol.activity_broadcast(activity, activity_id))
             if parsed is None:
                 self._publish(activity_id, line, source=session)
             else:

@@ -309,8 +309,17 @@ def test_data_dir_flags_are_checked():
 
 # --- in one process: reply order, a failing disk -----------------------------------------------
 
-def test_pipelined_register_then_login_get_their_replies_in_order(make_server, tmp_path):
+def test_pipelined_register_then_login_get_their_replies_in_order(make_server, tmp_path, lock_rule):
+    """... and the wait for the commit happens outside the state lock (the batch hold too)."""
     server = make_server(data_dir=data_dir(tmp_path, "a"))
+    state = server.server.state
+    depths = []
+    send_held = state.send_held
+
+    def watched(session, *args):
+        depths.append(lock_rule.depth())
+        return send_held(session, *args)
+    state.send_held = watched
     client = LineClient(server.port)
     client.send_raw(b"".join(json.dumps(m).encode() + b"\n" for m in [
         {"command": "REGISTER", "username": "ann", "secret": "x"},
@@ -321,6 +330,7 @@ def test_pipelined_register_then_login_get_their_replies_in_order(make_server, t
     assert [client.recv()["command"] for _ in range(4)] == [
         "REGISTER_SUCCESS", "REGISTER_SUCCESS", "LOGIN_SUCCESS", "ACTIVITY_BROADCAST"]
     assert server.server.store_status()["users_committed"] == 2
+    assert depths and not any(depths), depths
     client.close()
 
 
