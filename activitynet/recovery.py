@@ -195,13 +195,13 @@ class PeerMemory:
     when a link to that address comes up again (guarded by the state lock)."""
 
     def __init__(self):
-        self._last = {}  # peer_key -> activity id
+        self.marks = {}  # peer_key -> activity id (a durable store writes it: share_peer_marks)
 
     def heard(self, peer_key, activity_id):
-        self._last[peer_key] = activity_id
+        self.marks[peer_key] = activity_id
 
     def last_from(self, peer_key):
-        return self._last.get(peer_key, "") if peer_key else ""
+        return self.marks.get(peer_key, "") if peer_key else ""
 
 
 def missing_entries(history, after, marks):

@@ -323,12 +323,12 @@ class State:
             if link is not None:
                 link.peer_sent_activity(time.monotonic())
                 if link.peer_key is not None:
-                    self._peers.heard(link.peer_key, activity_id)
-                    if self._store is not None:
-                        self._store.set_peer_mark(link.peer_key, activity_id)
+                    self._peers.heard(link.peer_key, activity_id)  # the store shares its dict
             parsed = protocol.parse_id(activity_id)
             if (parsed is None and activity_id in self._history) or not self._seen.first_sighting(activity_id, parsed):
                 self.counters.activities_deduplicated += 1
+                if self._store is not None:  # the peer mark changed: no activity wakes the writer
+                    self._store.poke()
                 return False
             self.counters.activities_from_servers += 1
             if link is not None and parsed is not None and parsed[2] < link.since * 1000:
@@ -461,6 +461,7 @@ class State:
         self._seen = Seen(max(4 * history_size, 10_000), loaded.marks)
         for peer_key, activity_id in loaded.peer_marks.items():
             self._peers.heard(peer_key, activity_id)
+        store.share_peer_marks(self._peers.marks)
 
     def _stored_position(self, activity_id):
         """The stored position of ``activity_id`` (outside the lock), or None."""

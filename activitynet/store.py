@@ -340,6 +340,18 @@ class Store:
         self._peer_marks[peer_key] = value
         self._poke()
 
+    def share_peer_marks(self, marks):
+        """Take ``marks`` (a dict: peer key -> value, changed by the caller under its lock) as the
+        per-peer bookkeeping: each commit writes the keys whose value changed. The caller then
+        needs no call per change (a relayed activity costs one dict store), and ``poke`` when
+        a change should not wait for the next activity."""
+        marks.update(self._peer_marks)
+        self._peer_marks = marks
+
+    def poke(self):
+        """Wake the writer (a shared mark changed with no activity to record)."""
+        self._poke()
+
     @property
     def failing(self):
         """Whether the last commit failed (the disk is full, read-only or broken)."""
