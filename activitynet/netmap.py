@@ -1,0 +1,362 @@
+"""The network map and the re-attachment rule that keeps the network one tree (issue 9).
+
+Pure data and functions: no sockets, no locks (the state calls them under its one lock), so the
+rule can be tested on plain trees, deaths and interleavings. A server is named by its announced
+address ``"host:port"`` (the ``-lh`` host and the listening port).
+
+The map
+-------
+Every server is the only author of its own ``Entry``: the server it dialled and is linked to
+(``up``, its parent), the servers that dialled it and are linked (``down``, its children), its
+``Lineage`` and a ``version`` = (incarnation, counter). The incarnation is the process's start time
+in ms, so a restarted server's entry replaces the old one; the counter grows on every change.
+Merging two maps keeps, per server, the entry with the higher version: single writer per entry,
+so merging is commutative, associative and idempotent and every server that hears the same
+entries ends with the same map. A server sends its neighbours the entries of its own component
+(servers reachable over links both ends confirm), riding on SERVER_ANNOUNCE, and re-sends when a
+merge changed its map, so a change crosses the tree hop by hop and stops where nothing changes.
+An entry outside the component (a dead server, the far side of a cut) is kept for ``EXPIRE_AFTER``
+seconds, as an address to try, and then forgotten; since only components are sent, a dead
+server's entry is not passed around again by healthy servers.
+
+Lineage and rank
+----------------
+A server's ``Lineage`` says where it hangs: the path from its fragment's root down to it, and how
+senior that root is. Three kinds of root, most senior first:
+
+0. a *settled* root: started with nothing to join (``-rh``/``--join`` absent); dials only when
+   left alone (below);
+1. an *orphan* root: it lost its parent; its rank is the path it had when it lost it (shorter
+   first, then by address), kept while it is a root;
+2. a *joining* root: started with servers to join and not attached yet; older processes first.
+
+Every link goes from a root (the dialler) into a fragment whose root is strictly more senior
+(``accepts``, checked by the acceptor under its lock). A fragment's root only ever becomes more
+senior as fragments join others (a server *alone*, below, may join a junior one, but nothing
+hangs below it to be misled), so an acceptor whose knowledge of its root is a little old is, if
+anything, stricter than needed; and two roots can never each join the other's fragment. A
+server that lost its parent becomes an orphan root at once and tells its subtree (its lineage
+rides down on SERVER_ANNOUNCE), so its fragment refuses what it must refuse before anyone dials.
+
+Re-attachment
+-------------
+A server whose link to its parent broke redials the parent for ``GRACE`` seconds (about the
+dead-link detection time); a link that comes back is the end of it. Then it dials, in the order
+of ``candidates``: its former ancestors, nearest first; then its configured ``--join``/``-rh``
+servers; then every other server it knows outside its own subtree, most senior fragment first.
+A refusal or a failed connection moves on to the next; after a full round it starts again with
+bounded backoff, forever while it is a root. A root with nothing below it that got through a
+whole round without being accepted (every way out is junior to it: say the root died and the
+most senior orphan is also cut off from its own child) dials *alone* from then on: it refuses
+every server that dials it while its own dial is pending, so the link it makes cannot close a
+cycle, and the acceptor waives the rank. A settled root left alone (its children died or were
+cut off) seeks too, after ``ALONE_AFTER`` seconds, dialling alone. Consequences:
+
+- a middle server dies: its children attach to their grandparent (their fragments are junior);
+- the root dies: its former children become orphan roots of equal path length, so the one with
+  the smallest address is the most senior; it is refused everywhere else and stays root, and the
+  others (and orphans below) attach to it;
+- several die at once: each orphan walks up its ancestors to the nearest living one; where none
+  lives, the same seniority picks the new root;
+- a link cut between two live servers: the cut-off side dials its grandparent or any server of the
+  other side, whose root is more senior;
+- a restarted server is a joining root (new incarnation, the most junior kind): it is accepted as
+  a leaf wherever it joins, and its old entry is replaced.
+
+Known gap: when a fragment's only way out starts at a member other than its root (the root
+is cut off from every server outside, a member is not), and the other side's root has servers
+below it, neither root can link the two; that takes three simultaneous faults in the tests.
+
+``loops`` is the backstop for views too old to be trusted (a lineage that did not reach part of
+a subtree within ``GRACE``): a server that finds itself in its new parent's lineage is in a cycle
+and drops that link, becoming an orphan root that tries again.
+"""
+
+from dataclasses import dataclass
+
+from .protocol import InvalidMessage, type_name
+
+GRACE = 3.0  # seconds a server redials its lost parent before it re-attaches elsewhere
+ALONE_AFTER = 2 * GRACE  # seconds a settled root stays alone before it seeks the others
+EXPIRE_AFTER = 300.0  # seconds an entry outside our component is kept as an address to try
+
+SETTLED, ORPHAN, JOINING = 0, 1, 2
+KINDS = (SETTLED, ORPHAN, JOINING)
+
+
+@dataclass(frozen=True)
+class Lineage:
+    """Where a server hangs: its root's kind and identity, and the path below the root."""
+
+    kind: int  # SETTLED, ORPHAN or JOINING (of the root)
+    stamp: int  # the root's start time in ms (orders JOINING roots; 0 otherwise)
+    root_path: tuple  # the root's identity: (root,) or, for an orphan root, its path when orphaned
+    below: tuple = ()  # addresses from the root's child down to this server; () for the root
+
+    @classmethod
+    def settled(cls, me):
+        return cls(SETTLED, 0, (me,))
+
+    @classmethod
+    def joining(cls, me, started_ms):
+        return cls(JOINING, started_ms, (me,))
+
+    def address(self):
+        """The server this lineage belongs to."""
+        return self.below[-1] if self.below else self.root_path[-1]
+
+    def is_root(self):
+        return not self.below
+
+    def chain(self):
+        """The live path: root first, this server last."""
+        return (self.root_path[-1],) + self.below
+
+    def root_rank(self):
+        """Smaller is more senior (see the module docstring)."""
+        return (self.kind, len(self.root_path), self.stamp, self.root_path)
+
+    def child(self, address):
+        """The lineage of ``address`` once it hangs below this server."""
+        return Lineage(self.kind, self.stamp, self.root_path, self.below + (address,))
+
+    def orphaned(self):
+        """This server's lineage once it lost its parent: an orphan root ranked by its path."""
+        if self.is_root():
+            return self
+        return Lineage(ORPHAN, 0, self.root_path + self.below)
+
+    def to_wire(self):
+        return [self.kind, self.stamp, list(self.root_path), list(self.below)]
+
+    @classmethod
+    def from_wire(cls, value, where="lineage"):
+        if not (isinstance(value, list) and len(value) == 4):
+            raise InvalidMessage(f"{where} must be an array [kind, stamp, root path, path below], "
+                                 f"not {type_name(value)}")
+        kind, stamp, root_path, below = value
+        if kind not in KINDS or isinstance(kind, bool):
+            raise InvalidMessage(f"{where}[0] (kind) must be 0, 1 or 2")
+        if not isinstance(stamp, int) or isinstance(stamp, bool) or stamp < 0:
+            raise InvalidMessage(f"{where}[1] (stamp) must be a non-negative integer")
+        root_path = _addresses(root_path, f"{where}[2] (root path)")
+        if not root_path:
+            raise InvalidMessage(f"{where}[2] (root path) must name at least the root")
+        return cls(kind, stamp, root_path, _addresses(below, f"{where}[3] (path below)"))
+
+
+def accepts(mine, dialler, alone=False):
+    """The acceptor's check on a new link from ``dialler`` (its Lineage); ``mine`` is the
+    acceptor's. Returns None to accept, or why not (the link would make a cycle or the dialler's
+    fragment outranks ours). ``alone``: the dialler says nothing hangs below it and it refuses
+    every link while this dial is pending; such a link cannot close a cycle, so rank is waived.
+    A dialler that sends no lineage (another implementation) is not checked: ``mine`` cannot
+    judge it."""
+    me, them = mine.address(), dialler.address()
+    if them == me:
+        return f"{them} is this server"
+    if not dialler.is_root():
+        return f"{them} already hangs below {dialler.chain()[-2]}: only a fragment's root may attach"
+    if them in mine.chain():
+        return f"{them} is above this server ({' > '.join(mine.chain())}): the link would make a cycle"
+    if dialler.root_rank() <= mine.root_rank() and not alone:
+        return (f"{them}'s fragment (root {dialler.chain()[0]}) outranks this one (root "
+                f"{mine.chain()[0]}): this fragment attaches to it, not the other way round")
+    return None
+
+
+def seeks(lineage, has_children, alone_for):
+    """Whether a server dials other servers now. Any root that is not settled does (an orphan,
+    a joiner). A settled root does once it has been alone (nothing below it) for ``ALONE_AFTER``
+    seconds although it knows other servers: its children died or were cut off, and it leaves
+    them ``GRACE`` to come back to it first."""
+    if not lineage.is_root():
+        return False
+    if lineage.kind != SETTLED:
+        return True
+    return not has_children and alone_for >= ALONE_AFTER
+
+
+def dials_alone(lineage, has_children, failed_rounds):
+    """Whether a root's dials say ``alone`` (see ``accepts``): nothing below it, and rank alone
+    will not get it in: a settled root outranks every fragment, and any other root that went a
+    whole round without being accepted has no junior fragment within reach."""
+    return not has_children and (lineage.kind == SETTLED or failed_rounds > 0)
+
+
+def loops(me, parent_lineage):
+    """True if ``me`` is already in the lineage its parent announces: the link closed a cycle."""
+    return me in parent_lineage.chain()
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One server's own account of its links; only that server writes it."""
+
+    up: object  # address of the server it dialled and is linked to, or None
+    down: tuple  # addresses of the servers linked to it that dialled it, sorted
+    version: tuple  # (incarnation ms, counter)
+    lineage: object = None  # Lineage, or None if not known yet
+
+    def to_wire(self):
+        wire = {"up": self.up, "down": list(self.down), "v": list(self.version)}
+        if self.lineage is not None:
+            wire["lineage"] = self.lineage.to_wire()
+        return wire
+
+    @classmethod
+    def from_wire(cls, value, where):
+        if not isinstance(value, dict):
+            raise InvalidMessage(f"{where} must be an object, not {type_name(value)}")
+        up = value.get("up")
+        if up is not None and not _is_address(up):
+            raise InvalidMessage(f"{where}.up must be null or \"host:port\"")
+        down = _addresses(value.get("down", []), f"{where}.down")
+        version = value.get("v")
+        if not (isinstance(version, list) and len(version) == 2
+                and all(isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in version)):
+            raise InvalidMessage(f"{where}.v must be [incarnation, counter], two non-negative integers")
+        lineage = value.get("lineage")
+        if lineage is not None:
+            lineage = Lineage.from_wire(lineage, f"{where}.lineage")
+        return cls(up, tuple(sorted(down)), tuple(version), lineage)
+
+
+class NetMap:
+    """This server's view of the network; see the module docstring."""
+
+    def __init__(self, me, incarnation, lineage, expire_after=EXPIRE_AFTER):
+        self.me = me
+        self.expire_after = expire_after
+        self.entries = {me: Entry(None, (), (incarnation, 0), lineage)}
+        self._outside_since = {}  # address -> when it was first seen outside our component
+
+    @property
+    def own(self):
+        return self.entries[self.me]
+
+    def set_own(self, up, down, lineage):
+        """Record this server's links and lineage; True (and a new version) if they changed."""
+        old = self.own
+        down = tuple(sorted(down))
+        if (up, down, lineage) == (old.up, old.down, old.lineage):
+            return False
+        incarnation, counter = old.version
+        self.entries[self.me] = Entry(up, down, (incarnation, counter + 1), lineage)
+        return True
+
+    def merge(self, wire):
+        """Merge a neighbour's map (the wire form); True if ours changed. Our own entry is ours
+        alone: what others say about us is ignored."""
+        if not isinstance(wire, dict):
+            raise InvalidMessage(f"map must be an object of \"host:port\": entry, not {type_name(wire)}")
+        changed = False
+        for address, value in wire.items():
+            if not _is_address(address):
+                raise InvalidMessage(f"map key {address[:60]!r} is not \"host:port\"")
+            entry = Entry.from_wire(value, f"map[{address!r}]")
+            if address == self.me:
+                continue
+            known = self.entries.get(address)
+            if known is None or entry.version > known.version:
+                self.entries[address] = entry
+                changed = True
+        return changed
+
+    def to_wire(self):
+        """The entries of our component, for our neighbours."""
+        return {address: self.entries[address].to_wire() for address in sorted(self.component())}
+
+    def versions(self):
+        """{address: version} of our component: compare to know whether a map is worth sending."""
+        return {address: self.entries[address].version for address in self.component()}
+
+    def linked(self, a, b):
+        """Whether both ends confirm a link between ``a`` and ``b`` (in either direction)."""
+        ea, eb = self.entries.get(a), self.entries.get(b)
+        if ea is None or eb is None:
+            return False
+        return (ea.up == b and a in eb.down) or (eb.up == a and b in ea.down)
+
+    def component(self):
+        """Servers reachable from us over confirmed links (ourselves included)."""
+        seen, todo = {self.me}, [self.me]
+        while todo:
+            address = todo.pop()
+            entry = self.entries[address]
+            for other in ((entry.up,) if entry.up else ()) + entry.down:
+                if other not in seen and self.linked(address, other):
+                    seen.add(other)
+                    todo.append(other)
+        return seen
+
+    def subtree(self, root=None):
+        """``root`` (default: us) and every server below it, by the parents' own entries: a
+        parent is the authority on who hangs below it (a child that left may still claim it, in
+        an entry that cannot reach us). A server missing here (a child that attached a moment
+        ago) is refused by ``accepts`` if we dial it."""
+        root = root or self.me
+        seen, todo = {root}, [root]
+        while todo:
+            entry = self.entries.get(todo.pop())
+            for child in entry.down if entry is not None else ():
+                if child not in seen:
+                    seen.add(child)
+                    todo.append(child)
+        return seen
+
+    def expire(self, now):
+        """Forget entries that stayed outside our component for ``expire_after`` seconds; returns
+        the addresses forgotten."""
+        inside = self.component()
+        for address in inside:
+            self._outside_since.pop(address, None)
+        gone = []
+        for address in list(self.entries):
+            if address in inside:
+                continue
+            since = self._outside_since.setdefault(address, now)
+            if now - since >= self.expire_after:
+                del self.entries[address]
+                del self._outside_since[address]
+                gone.append(address)
+        return gone
+
+
+def candidates(netmap, lost_lineage, dead=(), joins=()):
+    """Whom a root dials, in order (see the module docstring).
+
+    ``lost_lineage`` is the lineage this server had before it lost its parent (its own lineage if
+    it never had one); ``dead`` are servers known dead or unreachable this round; ``joins`` the
+    configured ``--join``/``-rh`` servers. Never this server, never its subtree (by the map)."""
+    me = netmap.me
+    excluded = netmap.subtree() | set(dead)
+    ordered = list(reversed(lost_lineage.chain()[:-1]))  # former ancestors, nearest first
+    ordered += list(joins)
+
+    def seniority(address):
+        lineage = netmap.entries[address].lineage
+        if lineage is None:  # not one of ours, or not heard from: least likely to help
+            return (1, (), 0, address)
+        return (0, lineage.root_rank(), len(lineage.below), address)
+
+    ordered += sorted((a for a in netmap.entries if a != me), key=seniority)
+    result, seen = [], set()
+    for address in ordered:
+        if address not in excluded and address not in seen:
+            seen.add(address)
+            result.append(address)
+    return result
+
+
+def _is_address(value):
+    if not isinstance(value, str) or len(value) > 300:
+        return False
+    host, sep, port = value.rpartition(":")
+    return bool(sep and host and port.isdigit() and 0 < int(port) < 65536)
+
+
+def _addresses(value, where):
+    if not isinstance(value, list) or not all(_is_address(a) for a in value):
+        raise InvalidMessage(f"{where} must be an array of \"host:port\" strings")
+    return tuple(value)
