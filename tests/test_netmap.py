@@ -24,8 +24,10 @@ def name(i):
 class Sim:
     """Servers on plain data, linked by ``parent``; see the module docstring."""
 
-    def __init__(self, parents, root, seed=0):
+    def __init__(self, parents, root, seed=0, prompt=True):
         self.rng = random.Random(seed)
+        self.prompt = prompt  # orphans tell their subtrees before anyone dials (the GRACE period)
+        self.cycles_seen = 0
         self.parent = dict(parents)  # child -> parent, for live links
         self.alive = {root} | set(parents)
         self.cut = set()  # frozenset({a, b}): these two cannot reach each other
@@ -88,7 +90,8 @@ class Sim:
         self.lost[server] = self.lineage[server]
         del self.parent[server]
         self.lineage[server] = self.lineage[server].orphaned()
-        self.push_all(server)
+        if self.prompt:
+            self.push_all(server)
 
     # --- what happens afterwards, one step at a time -------------------------------------
 
@@ -155,7 +158,7 @@ class Sim:
         changes in a pass where every root tried two whole rounds."""
         for _ in range(random_steps):
             self.step()
-            assert self.cycle() is None
+            self._check_cycle()
         for _ in range(10 * len(self.alive)):
             before = (dict(self.parent), dict(self.lineage))
             for server in sorted(self.alive):
@@ -167,11 +170,17 @@ class Sim:
                 for _ in range(2 * len(self.maps[server].entries) + 2):
                     if self.dial(server) is not None:
                         break
-                    assert self.cycle() is None
-            assert self.cycle() is None
+                    self._check_cycle()
+            self._check_cycle()
             if (self.parent, self.lineage) == before:
                 return self
         raise AssertionError("the network never settled")
+
+    def _check_cycle(self):
+        """With prompt orphans a cycle never forms; without, ``loops`` must break each one."""
+        if self.cycle() is not None:
+            assert not self.prompt, f"cycle through {self.cycle()}"
+            self.cycles_seen += 1
 
     def cycle(self):
         for start in self.parent:
@@ -323,6 +332,34 @@ def test_any_deaths_and_cuts_in_any_order_end_as_one_tree_never_a_cycle(shape, d
             sim.cut_link(child)
     sim.kill(*deaths)
     sim.settle().assert_one_tree()
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.sampled_from(sorted(SHAPES)), st.lists(st.integers(min_value=0, max_value=6),
+                                                   min_size=1, max_size=3, unique=True),
+       st.integers(min_value=0, max_value=2**32))
+def test_lineages_that_arrive_late_may_close_a_cycle_for_a_while_but_it_is_broken(shape, deaths, seed):
+    """No GRACE: orphans dial before their subtrees heard they are orphans, so an acceptor may
+    trust a dead root. The backstop (``loops``) must still end with one tree."""
+    sim = Sim(SHAPES[shape](), name(0), seed=seed, prompt=False)
+    deaths = [name(d) for d in deaths]
+    if len(deaths) == len(sim.alive):
+        deaths.pop()
+    sim.kill(*deaths)
+    sim.settle().assert_one_tree()
+
+
+def test_why_orphans_tell_their_subtrees_before_anyone_dials():
+    """The root dies. Without the GRACE period a server below an orphan may still believe in
+    the dead root and accept a more senior orphan, whose fragment its own root then joins: a
+    cycle, until ``loops`` breaks it. With it (the rule), the same seed never makes one."""
+    stale = Sim(depth3(), name(0), seed=542730139, prompt=False)
+    stale.kill(name(0))
+    stale.settle().assert_one_tree()
+    assert stale.cycles_seen > 0
+    prompt = Sim(depth3(), name(0), seed=542730139)
+    prompt.kill(name(0))
+    prompt.settle().assert_one_tree()  # settle checks for a cycle after every step
 
 
 # --- the acceptor's check ---------------------------------------------------------------------
