@@ -50,7 +50,9 @@ whole round without being accepted (every way out is junior to it: say the root 
 most senior orphan is also cut off from its own child) dials *alone* from then on: it refuses
 every server that dials it while its own dial is pending, so the link it makes cannot close a
 cycle, and the acceptor waives the rank. A settled root left alone (its children died or were
-cut off) seeks too, after ``ALONE_AFTER`` seconds, dialling alone. Consequences:
+cut off) seeks too, after ``ALONE_AFTER`` seconds, dialling alone, and so does a joining server
+with nothing below it (a plain ``-rh`` join is accepted whatever order servers start in).
+Consequences:
 
 - a middle server dies: its children attach to their grandparent (their fragments are junior);
 - the root dies: its former children become orphan roots of equal path length, so the one with
@@ -178,10 +180,13 @@ def seeks(lineage, has_children, alone_for):
 
 
 def dials_alone(lineage, has_children, failed_rounds):
-    """Whether a root's dials say ``alone`` (see ``accepts``): nothing below it, and rank alone
-    will not get it in: a settled root outranks every fragment, and any other root that went a
-    whole round without being accepted has no junior fragment within reach."""
-    return not has_children and (lineage.kind == SETTLED or failed_rounds > 0)
+    """Whether a root's dials say ``alone`` (see ``accepts``): nothing below it, and either it
+    is not an orphan (a settled root outranks every fragment; a joiner with nothing below it is
+    a Project 1 ``-rh`` join, always accepted unless it would close a cycle, whatever the order
+    the servers were started in) or it is an orphan that went a whole round without being
+    accepted (no fragment within reach is more senior). Orphans start by rank, so that the
+    orphans of a dead root agree on the new one instead of racing."""
+    return not has_children and (lineage.kind != ORPHAN or failed_rounds > 0)
 
 
 def loops(me, parent_lineage):

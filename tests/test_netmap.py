@@ -382,6 +382,17 @@ def test_joining_roots_join_older_ones_so_two_that_dial_each_other_make_one_link
     assert accepts(Lineage.settled(name(8)), older) is None
 
 
+def test_a_plain_join_is_accepted_whatever_order_servers_started_in():
+    """Project 1: s02 -rh s01 started before s01 -rh s00. With nothing below it s02 dials alone,
+    so s01, still a joining root itself, takes it although s02 is the older process."""
+    s01, s02 = Lineage.joining(name(1), 200), Lineage.joining(name(2), 100)
+    assert dials_alone(s02, has_children=False, failed_rounds=0)
+    assert accepts(s01, s02, alone=True) is None
+    assert accepts(s01, s02) is not None  # by rank alone it would wait for s01 to attach
+    assert not dials_alone(s01, has_children=True, failed_rounds=0)
+    assert not dials_alone(Lineage(ORPHAN, 0, (name(0), name(1))), has_children=False, failed_rounds=0)
+
+
 def test_lineage_wire_round_trip_and_clear_errors():
     lineage = Lineage(ORPHAN, 0, (name(0), name(1)), (name(2),))
     assert Lineage.from_wire(lineage.to_wire()) == lineage
