@@ -77,9 +77,11 @@ class Sim:
         self._update_entries()
 
     def restart(self, server, joins, started_ms=2):
-        """``server`` comes back as a new process (new incarnation) that joins ``joins``."""
+        """``server`` comes back as a new process (new incarnation) that joins ``joins`` (none:
+        it starts as a settled root, as a restarted root does)."""
         self.alive.add(server)
-        self.lineage[server] = Lineage.joining(server, started_ms)
+        self.lineage[server] = (Lineage.joining(server, started_ms) if joins
+                                else Lineage.settled(server))
         self.lost[server] = self.lineage[server]
         self.tried[server] = set()
         self.rounds[server] = 0
@@ -299,6 +301,19 @@ def test_a_restarted_server_rejoins_as_a_new_leaf():
     sim.settle().assert_one_tree()
     assert sim.parent == {name(2): name(0), name(1): name(0)}
     assert sim.children(name(1)) == []
+
+
+def test_a_restarted_root_takes_its_network_back():
+    """The new root (an orphan) keeps trying its former ancestors; the restarted root, settled
+    and alone, is more senior and accepts it: one network again, rooted where it was."""
+    sim = Sim(depth3(), name(0))
+    sim.kill(name(0))
+    sim.settle()
+    assert sim.roots() == [name(1)]
+    sim.restart(name(0), joins=[])
+    sim.settle().assert_one_tree()
+    assert sim.roots() == [name(0)]
+    assert sim.parent[name(1)] == name(0)
 
 
 def test_a_cycle_found_late_is_broken_by_the_server_that_sees_itself():
