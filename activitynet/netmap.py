@@ -354,6 +354,73 @@ def candidates(netmap, lost_lineage, dead=(), joins=()):
     return result
 
 
+FIRST_WAIT = 0.1  # seconds between redials of a lost parent at first, then doubling
+MAX_WAIT = 1.0  # the longest wait between redials of the parent, and between whole rounds
+ROUND_MAX_WAIT = 5.0  # the longest wait between two whole rounds of candidates
+
+
+class Seeker:
+    """Whom a server dials next, and when: the re-attachment schedule, on plain data.
+
+    The caller (the server's one dialling thread) asks ``next_dial``; it answers ``(address,
+    alone)`` to dial now, or None to wait ``wait_hint`` seconds and ask again (the map may have
+    changed meanwhile), and reports each attempt's ``outcome``. During ``GRACE`` after losing its
+    parent only the parent is redialled (waits doubling from ``FIRST_WAIT`` to ``MAX_WAIT``); then
+    the ``candidates`` are tried back to back, and a whole round without success waits before the
+    next one, doubling up to ``ROUND_MAX_WAIT``."""
+
+    def __init__(self, joins=()):
+        self.joins = tuple(joins)
+        self._alone_since = None
+        self._restart(lost_lineage=None, lost_at=None, now=0.0)
+
+    def parent_lost(self, lineage_before, now):
+        self._restart(lineage_before, now, now)
+
+    def attached(self):
+        self._restart(None, None, 0.0)
+
+    def _restart(self, lost_lineage, lost_at, now):
+        self.lost_lineage = lost_lineage  # our lineage before the parent was lost
+        self.lost_at = lost_at
+        self.tried = set()  # candidates tried in this round
+        self.failed_rounds = 0
+        self.not_before = now
+        self._parent_wait = self._round_wait = FIRST_WAIT
+
+    def next_dial(self, now, netmap, lineage, has_children):
+        if has_children:
+            self._alone_since = None
+        elif self._alone_since is None:
+            self._alone_since = now
+        alone_for = 0.0 if self._alone_since is None else now - self._alone_since
+        if not seeks(lineage, has_children, alone_for) or now < self.not_before:
+            return None
+        if self.lost_at is not None and now - self.lost_at < GRACE:
+            return self.lost_lineage.chain()[-2], False
+        options = [c for c in candidates(netmap, self.lost_lineage or lineage, joins=self.joins)
+                   if c not in self.tried]
+        if not options:
+            self.tried = set()
+            self.failed_rounds += 1
+            self.not_before = now + self._round_wait
+            self._round_wait = min(2 * self._round_wait, ROUND_MAX_WAIT)
+            return None
+        self.tried.add(options[0])
+        return options[0], dials_alone(lineage, has_children, self.failed_rounds)
+
+    def outcome(self, now, accepted):
+        """The last dial's result: accepted (we are attached), or refused / unreachable."""
+        if accepted:
+            self.attached()
+        elif self.lost_at is not None and now - self.lost_at < GRACE:
+            self.not_before = now + self._parent_wait
+            self._parent_wait = min(2 * self._parent_wait, MAX_WAIT)
+
+    def wait_hint(self, now):
+        return max(self.not_before - now, 0.0) or FIRST_WAIT
+
+
 def _is_address(value):
     if not isinstance(value, str) or len(value) > 300:
         return False

@@ -12,8 +12,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from activitynet.netmap import (JOINING, ORPHAN, SETTLED, Entry, Lineage, NetMap, accepts,
-                                candidates, dials_alone, loops, seeks)
+from activitynet.netmap import (GRACE, JOINING, ORPHAN, SETTLED, Entry, Lineage, NetMap, Seeker,
+                                accepts, candidates, dials_alone, loops, seeks)
 from activitynet.protocol import InvalidMessage
 
 
@@ -33,8 +33,8 @@ class Sim:
         self.cut = set()  # frozenset({a, b}): these two cannot reach each other
         self.lineage = {root: Lineage.settled(root)}
         self.lost = {}  # orphan root -> the lineage it had when it lost its parent
-        self.tried = {s: set() for s in self.alive}
-        self.rounds = {s: 0 for s in self.alive}  # whole rounds without being accepted
+        self.seekers = {s: Seeker() for s in self.alive}
+        self.now = 0.0  # each dial is 10 s after the last: waits never hold the simulation up
         for server in self._top_down(root):
             if server != root:
                 self.lineage[server] = self.lineage[self.parent[server]].child(server)
@@ -83,13 +83,12 @@ class Sim:
         self.lineage[server] = (Lineage.joining(server, started_ms) if joins
                                 else Lineage.settled(server))
         self.lost[server] = self.lineage[server]
-        self.tried[server] = set()
-        self.rounds[server] = 0
+        self.seekers[server] = Seeker(joins)
         self.maps[server] = NetMap(server, started_ms, self.lineage[server])
-        self.joins = {server: joins}
 
     def _orphan(self, server):
         self.lost[server] = self.lineage[server]
+        self.seekers[server].parent_lost(self.lineage[server], self.now)
         del self.parent[server]
         self.lineage[server] = self.lineage[server].orphaned()
         if self.prompt:
@@ -120,28 +119,21 @@ class Sim:
                       if seeks(self.lineage[s], bool(self.children(s)), alone_for=float("inf")))
 
     def dial(self, server):
-        """One try of a root: the next candidate it has not tried this round."""
-        joins = getattr(self, "joins", {}).get(server, ())
-        dead = {s for s in self.maps[server].entries if s not in self.alive}
-        dead |= {s for pair in self.cut if server in pair for s in pair if s != server}
-        options = [c for c in candidates(self.maps[server], self.lost.get(server, self.lineage[server]),
-                                           joins=joins)
-                   if c not in self.tried[server]]
-        if not options:
-            self.tried[server] = set()  # a new round (after backoff)
-            self.rounds[server] += 1
+        """One try of a root, as its ``Seeker`` decides; returns the server it attached to."""
+        self.now += 10.0
+        seeker = self.seekers[server]
+        choice = seeker.next_dial(self.now, self.maps[server], self.lineage[server],
+                                  bool(self.children(server)))
+        if choice is None:
             return None
-        target = options[0]
-        self.tried[server].add(target)
-        if target in dead:
-            return None  # connection refused, or it times out
-        alone = dials_alone(self.lineage[server], bool(self.children(server)), self.rounds[server])
-        if accepts(self.lineage[target], self.lineage[server], alone=alone) is not None:
+        target, alone = choice
+        reachable = target in self.alive and frozenset((server, target)) not in self.cut
+        accepted = reachable and accepts(self.lineage[target], self.lineage[server], alone) is None
+        seeker.outcome(self.now, accepted)
+        if not accepted:
             return None
         self.parent[server] = target
         self.lineage[server] = self.lineage[target].child(server)
-        self.tried[server] = set()
-        self.rounds[server] = 0
         self._update_entries()
         return target
 
@@ -375,6 +367,47 @@ def test_why_orphans_tell_their_subtrees_before_anyone_dials():
     prompt = Sim(depth3(), name(0), seed=542730139)
     prompt.kill(name(0))
     prompt.settle().assert_one_tree()  # settle checks for a cycle after every step
+
+
+# --- the schedule ---------------------------------------------------------------------------
+
+def test_seeker_redials_the_parent_through_the_grace_period_then_walks_up():
+    sim = Sim(chain(4), name(0))
+    before = sim.lineage[name(3)]
+    sim.kill(name(2))
+    seeker, view, orphan = Seeker(), sim.maps[name(3)], sim.lineage[name(3)]
+    seeker.parent_lost(before, now=100.0)
+    assert seeker.next_dial(100.0, view, orphan, False) == (name(2), False)
+    seeker.outcome(100.0, accepted=False)
+    assert seeker.next_dial(100.05, view, orphan, False) is None  # waiting FIRST_WAIT
+    assert seeker.next_dial(100.1, view, orphan, False) == (name(2), False)
+    seeker.outcome(100.1, accepted=False)
+    later = 100.0 + GRACE
+    tries = []
+    while (choice := seeker.next_dial(later, view, orphan, False)) is not None:
+        tries.append(choice)
+        seeker.outcome(later, accepted=False)
+    assert [t[0] for t in tries] == [name(2), name(1), name(0)]  # former ancestors, nearest first
+    assert not any(alone for _, alone in tries)  # an orphan starts by rank
+    assert seeker.failed_rounds == 1 and seeker.wait_hint(later) > 0
+    retry = later + seeker.wait_hint(later)
+    assert seeker.next_dial(retry, view, orphan, False) == (name(2), True)  # round 2: alone
+    seeker.outcome(retry, accepted=True)
+    assert seeker.lost_lineage is None and seeker.failed_rounds == 0
+
+
+def test_seeker_of_a_settled_root_waits_to_be_alone_and_a_joiner_tries_its_joins():
+    sim = Sim(star(2), name(0))
+    settled = Seeker()
+    assert settled.next_dial(0.0, sim.maps[name(0)], sim.lineage[name(0)], True) is None
+    sim.kill(name(1), name(2))
+    assert settled.next_dial(1.0, sim.maps[name(0)], sim.lineage[name(0)], False) is None
+    assert settled.next_dial(7.0, sim.maps[name(0)], sim.lineage[name(0)], False) == (name(1), True)
+    joiner = Seeker(joins=[name(5), name(6)])
+    me = NetMap(name(7), 1, Lineage.joining(name(7), 1))
+    assert joiner.next_dial(0.0, me, me.own.lineage, False) == (name(5), True)
+    joiner.outcome(0.0, accepted=False)
+    assert joiner.next_dial(0.0, me, me.own.lineage, False) == (name(6), True)
 
 
 # --- the acceptor's check ---------------------------------------------------------------------
