@@ -67,7 +67,8 @@ Consequences:
 
 Known gap: when a fragment's only way out starts at a member other than its root (the root
 is cut off from every server outside, a member is not), and the other side's root has servers
-below it, neither root can link the two; that takes three simultaneous faults in the tests.
+below it, neither root can link the two until a cut heals. In the simulation that takes two cut
+links on top of deaths (about 1 run in 1000 with up to 3 deaths and 2 cuts).
 
 ``loops`` is the backstop for views too old to be trusted (a lineage that did not reach part of
 a subtree within ``GRACE``): a server that finds itself in its new parent's lineage is in a cycle
