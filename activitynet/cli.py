@@ -64,6 +64,21 @@ def port(text, option):
     return number
 
 
+def addresses(text, option):
+    """A list of (host, port) from ``HOST:PORT[,HOST:PORT...]`` (an IPv6 host in brackets)."""
+    found = []
+    for item in text.split(","):
+        host, colon, number = item.strip().rpartition(":")
+        if host.startswith("[") and host.endswith("]"):
+            host = host[1:-1]
+        if not colon or not host.strip() or not re.fullmatch(r"\d{1,5}", number) \
+                or not 0 < int(number) < 65536:
+            raise UsageError(f"{option} must be HOST:PORT[,HOST:PORT...] with ports from 1 to "
+                             f"65535; {item.strip()!r} is not (in {text!r})")
+        found.append((host, int(number)))
+    return found
+
+
 def positive_int(text, option, minimum=1):
     """A whole number of at least ``minimum`` from the command line."""
     if text is None or not re.fullmatch(r"\d+", text.strip()) or int(text) < minimum:

@@ -1,16 +1,24 @@
-"""One socket: bounded line reads, ordered non-blocking writes, idempotent close.
+"""One connection's bytes: a transport, bounded line reads, an ordered non-blocking outbox.
 
 Reading is done by the connection's own thread with blocking ``recv`` calls. Writing never blocks
-anyone: ``send`` appends bytes to the connection's ordered outbox, and the outbox is written with
-non-blocking ``send`` calls (``MSG_DONTWAIT``) by whichever thread flushes it. When the kernel
-refuses part of it, the one ``Poller`` thread finishes the write once the socket is writable. A
-writer thread per connection would be simpler, but thousands of them fight over the GIL.
+anyone: ``send`` appends bytes to the connection's ordered outbox, and the outbox is handed to the
+transport's non-blocking ``send_some`` by whichever thread flushes it. When the kernel refuses part
+of it, the one ``Poller`` thread finishes the write once the socket is writable. A writer thread
+per connection would be simpler, but thousands of them fight over the GIL.
 
-Batching: a reader thread handles every line of one ``recv`` inside ``batch()``; sends made
-meanwhile are flushed once at the end of the batch, so a burst of N messages to one peer costs
-one system call instead of N. Outside a batch a send is flushed at once.
+When bytes are flushed: ``send`` only queues. Inside an ``Outgoing`` section (per thread), the
+connections sent to are flushed once, when the outermost section ends; outside one, at once. The
+state lock is always taken inside a section and released before it ends (see ``state``), so no
+socket is written, shut down or closed while the state lock is held, by construction. A reader
+thread also handles every line of one ``recv`` inside a section, so a burst of N messages to one
+peer costs one system call instead of N.
 
-An outbox holding more than ``max_outbox`` unsent bytes belongs to a slow consumer: it is closed.
+An outbox holding more than ``max_outbox`` unsent bytes belongs to a slow consumer: it is closed,
+at its next flush (so never under the state lock either).
+
+A transport is what a connection needs of a socket; a plain socket and a TLS socket both provide
+it: ``recv(n)`` (blocking, ``b""`` at EOF), ``send_some(view)`` (non-blocking: how many bytes the
+kernel took, 0 when it would block), ``fileno()``, ``shutdown()``, ``close()`` and ``peer``.
 """
 
 import contextlib
@@ -24,27 +32,86 @@ import time
 log = logging.getLogger(__name__)
 
 RECV_SIZE = 64 * 1024
-_local = threading.local()
 
 
 class LineTooLong(Exception):
     pass
 
 
-@contextlib.contextmanager
-def batch():
-    """Defer flushes of the connections sent to inside this block to its end (see module doc)."""
-    outer = getattr(_local, "dirty", None)
-    if outer is not None:  # nested: the outermost batch flushes
-        yield
-        return
-    _local.dirty = dirty = {}
-    try:
-        yield
-    finally:
-        _local.dirty = None
-        for conn in dirty:
-            conn.flush()
+class PlainTransport:
+    """A TCP socket. It stays blocking for the reader; sends pass ``MSG_DONTWAIT`` instead
+    (a TLS transport cannot: ``SSLSocket.send`` refuses flags)."""
+
+    __slots__ = ("sock", "peer")
+
+    def __init__(self, sock):
+        sock.setblocking(True)
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.sock = sock
+        try:
+            self.peer = sock.getpeername()[:2]
+        except OSError:
+            self.peer = None
+
+    def recv(self, size):
+        return self.sock.recv(size)
+
+    def send_some(self, view):
+        try:
+            return self.sock.send(view, socket.MSG_DONTWAIT)
+        except (BlockingIOError, InterruptedError):
+            return 0
+
+    def fileno(self):
+        return self.sock.fileno()
+
+    def shutdown(self):
+        self.sock.shutdown(socket.SHUT_RDWR)
+
+    def close(self):
+        self.sock.close()
+
+
+class Outgoing:
+    """Per thread: the connections sent to inside the current section, flushed when the
+    outermost section ends (see the module docstring). ``with outgoing:`` is a section; they
+    nest. ``holding(lock)`` gives the same sections with ``lock`` held inside them: taken once
+    the section is open, released before it ends and flushes."""
+
+    __slots__ = ("local", "lock")
+
+    def __init__(self, local=None, lock=None):
+        self.local = local or threading.local()  # .depth and .dirty (dict as ordered set), per thread
+        self.lock = lock
+
+    def holding(self, lock):
+        return Outgoing(self.local, lock)
+
+    def __enter__(self):
+        local = self.local
+        depth = getattr(local, "depth", 0)
+        if not depth:
+            local.dirty = {}
+        local.depth = depth + 1
+        if self.lock is not None:
+            try:
+                self.lock.acquire()
+            except BaseException:
+                self.__exit__()
+                raise
+        return self
+
+    def __exit__(self, *exc):
+        if self.lock is not None:
+            self.lock.release()
+        local = self.local
+        local.depth -= 1
+        if not local.depth:
+            dirty = local.dirty
+            local.dirty = None
+            for conn in dirty:
+                conn.flush()
 
 
 class Poller:
@@ -113,37 +180,23 @@ class Poller:
 
 
 class Connection:
-    """A peer socket. Session fields (``role``, ``username``, ``link``) are owned by ``State``
-    and change only under its lock."""
+    """A peer's bytes over a transport; see the module docstring."""
 
     # Slots: a server may hold 10,000 idle connections, and every byte of each one counts.
-    __slots__ = ("sock", "fileno", "poller", "max_line", "max_outbox", "name", "last_heard",
-                 "role", "username", "secret", "logged_in", "logged_in_at", "link", "_lock", "_chunks", "_queued",
-                 "_flushing", "_rest", "_drain_waiter", "_close_when_drained", "closed",
-                 "close_reason", "__weakref__")
+    __slots__ = ("transport", "fileno", "poller", "outgoing", "max_line", "max_outbox", "name",
+                 "last_heard", "_lock", "_chunks", "_queued", "_flushing", "_rest", "_drain_waiter",
+                 "_close_when_drained", "_too_slow", "closed", "close_reason", "__weakref__")
 
-    def __init__(self, sock, poller, max_line, max_outbox, name=None):
-        sock.setblocking(True)
-        with contextlib.suppress(OSError):
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        self.sock = sock
-        self.fileno = sock.fileno()
+    def __init__(self, transport, poller, outgoing, max_line, max_outbox, name=None):
+        self.transport = transport
+        self.fileno = transport.fileno()
         self.poller = poller
+        self.outgoing = outgoing
         self.max_line = max_line
         self.max_outbox = max_outbox
-        try:
-            host, port = sock.getpeername()[:2]
-            self.name = name or f"{host}:{port}"
-        except OSError:
-            self.name = name or "unconnected"
+        peer = transport.peer
+        self.name = name or (f"{peer[0]}:{peer[1]}" if peer else "unconnected")
         self.last_heard = time.monotonic()
-        # Session, owned by State (guarded by the state lock).
-        self.role = "new"  # "new" -> "client" | "server"
-        self.username = None
-        self.secret = None
-        self.logged_in = False
-        self.logged_in_at = 0.0  # wall-clock time of the login
-        self.link = None
         # Outbox (guarded by self._lock).
         self._lock = threading.Lock()
         self._chunks = []
@@ -152,11 +205,16 @@ class Connection:
         self._rest = b""  # bytes the kernel refused, waiting for writability
         self._drain_waiter = None  # an Event, only while finish() waits for the outbox to drain
         self._close_when_drained = None  # a reason, once send_last() was called
+        self._too_slow = False  # over max_outbox: closed at the next flush
         self.closed = False
         self.close_reason = None
 
     def __repr__(self):
-        return f"<Connection {self.name} {self.role}>"
+        return f"<Connection {self.name}>"
+
+    @property
+    def address(self):
+        return self.name
 
     # --- reading ---------------------------------------------------------------------------
 
@@ -164,9 +222,10 @@ class Connection:
         """Yield lists of complete lines (bytes, no terminator, ``\\r`` stripped, blanks dropped)
         as they arrive. Ends on EOF or close. Raises ``LineTooLong`` past ``max_line`` bytes."""
         pending = b""
+        recv = self.transport.recv
         while not self.closed:
             try:
-                data = self.sock.recv(RECV_SIZE)
+                data = recv(RECV_SIZE)
             except OSError:
                 break
             if not data:
@@ -196,20 +255,17 @@ class Connection:
     # --- writing ---------------------------------------------------------------------------
 
     def send(self, data):
-        """Queue ``data`` (bytes) behind everything queued before; never blocks on the socket."""
+        """Queue ``data`` (bytes) behind everything queued before; never touches the socket
+        itself (the flush comes at the end of this thread's ``Outgoing`` section)."""
         with self._lock:
             if self.closed:
                 return
             self._chunks.append(data)
             self._queued += len(data)
-            over = self._queued > self.max_outbox
-        if over:
-            log.warning("%s is too slow to read its messages (%d bytes queued); disconnecting",
-                        self.name, self._queued)
-            self.close("slow consumer")
-            return
-        dirty = getattr(_local, "dirty", None)
-        if dirty is None:
+            if self._queued > self.max_outbox:
+                self._too_slow = True
+        dirty = getattr(self.outgoing.local, "dirty", None)
+        if dirty is None:  # outside any section: now
             self.flush()
         else:
             dirty[self] = True
@@ -219,27 +275,34 @@ class Connection:
         with self._lock:
             if self.closed:
                 return
-            if resume:
+            if self._too_slow:
+                data = None
+            elif resume:
                 data = self._rest
                 self._rest = b""
             elif self._flushing:
                 return  # the current flusher (or the poller) will pick our bytes up
             else:
                 data = b""
-            self._flushing = True
-            if self._chunks:
-                data = data + b"".join(self._chunks) if data else b"".join(self._chunks)
-                self._chunks.clear()
+            if data is not None:
+                self._flushing = True
+                if self._chunks:
+                    data = data + b"".join(self._chunks) if data else b"".join(self._chunks)
+                    self._chunks.clear()
+        if data is None:
+            log.warning("%s is too slow to read its messages (%d bytes queued); disconnecting",
+                        self.name, self._queued)
+            self.close("slow consumer")
+            return
         view = memoryview(data)
+        send_some = self.transport.send_some
         while True:
             sent = 0
             if view:
                 try:
-                    sent = self.sock.send(view, socket.MSG_DONTWAIT)
-                except (BlockingIOError, InterruptedError):
-                    sent = 0
+                    sent = send_some(view)
                 except OSError as exc:
-                    self.close(f"send failed: {exc.strerror}")
+                    self.close(f"send failed: {exc.strerror or exc}")
                     return
             with self._lock:
                 self._queued -= sent
@@ -260,7 +323,7 @@ class Connection:
             if view:
                 self.poller.wait_writable(self)
             elif close_now:
-                self.close(self._close_when_drained)
+                self.close(close_now)
             return
 
     def send_last(self, data, reason):
@@ -276,7 +339,7 @@ class Connection:
         """Send ``data`` last, wait (up to ``timeout``) until the kernel has it all, then close.
 
         For replies that end a connection (failures, REDIRECT). Only the connection's own thread
-        calls it, so waiting here stalls nobody else."""
+        calls it, outside any section, so waiting here stalls nobody else."""
         drained = threading.Event()
         with self._lock:
             self._drain_waiter = drained
@@ -300,6 +363,6 @@ class Connection:
                 self._drain_waiter.set()
         self.poller.forget(self)
         with contextlib.suppress(OSError):
-            self.sock.shutdown(socket.SHUT_RDWR)
+            self.transport.shutdown()
         with contextlib.suppress(OSError):
-            self.sock.close()
+            self.transport.close()

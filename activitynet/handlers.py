@@ -2,19 +2,37 @@
 
 A connection starts as ``new``; its first REGISTER or LOGIN makes it a ``client``, a correct
 AUTHENTICATE (or our own dialling) a ``server``. Each role has its own table, and a command
-outside the table of the connection's role is an INVALID_MESSAGE. Handlers raise
-``ProtocolError`` for failure replies and ``Goodbye`` to end a connection; ``dispatch`` is the
-one place that turns those into the reply and the close.
+outside the table of the connection's role is an INVALID_MESSAGE. Handlers decide what a command
+means and which reply it gets; ``State`` decides what changes and who else is told. Handlers
+raise ``ProtocolError`` for failure replies and ``Goodbye`` to end a connection; the server's
+connection loop is the one place that turns those into the reply and the close.
+
+A handler gets a ``Context`` (the state, the servers' secret, and the one thing it may ask of the
+server: to trust a connection with a server's limits), the connection's ``Session`` and the
+message. Nothing here holds the ``Server``.
 """
 
+import dataclasses
 import logging
+from typing import Callable
 
-from . import protocol, recovery, schemas
+from . import protocol, schemas
 from .protocol import AuthenticationFail, InvalidMessage
+from .session import CLIENT, NEW, SERVER
+from .state import State
 
 log = logging.getLogger(__name__)
 
 REMOVED_COMMANDS = {"LOCK_REQUEST", "LOCK_ALLOWED", "LOCK_DENIED"}
+
+
+@dataclasses.dataclass(frozen=True)
+class Context:
+    """What handlers may use."""
+
+    state: State
+    secret: str
+    trust_as_server: Callable  # (session) -> None: a server's larger line and outbox limits
 
 
 class Goodbye(Exception):
@@ -28,87 +46,86 @@ class Goodbye(Exception):
 
 # --- client commands ----------------------------------------------------------------------------
 
-def handle_register(server, conn, message):
-    server.state.register_user(conn, message["username"], message["secret"])
+def handle_register(ctx, session, message):
+    ctx.state.register_user(session, message["username"], message["secret"])
 
 
-def handle_login(server, conn, message):
-    target = server.state.login(conn, message["username"], message.get("secret"))
+def handle_login(ctx, session, message):
+    target = ctx.state.login(session, message["username"], message.get("secret"))
     if target is not None:
         hostname, port = target
         raise Goodbye(f"redirected to {hostname}:{port}", protocol.redirect(hostname, port))
 
 
-def handle_logout(server, conn, message):
+def handle_logout(ctx, session, message):
     raise Goodbye("logged out")
 
 
-def handle_activity_message(server, conn, message):
-    server.state.client_activity(conn, message["username"], message.get("secret"), message["activity"])
+def handle_activity_message(ctx, session, message):
+    ctx.state.client_activity(session, message["username"], message.get("secret"), message["activity"])
 
 
 # --- server commands ----------------------------------------------------------------------------
 
-def handle_authenticate(server, conn, message):
-    if conn.role == "server":
+def handle_authenticate(ctx, session, message):
+    if session.role == SERVER:
         raise InvalidMessage("AUTHENTICATE on a link that is already authenticated")
-    if message["secret"] != server.secret:
+    if message["secret"] != ctx.secret:
         raise AuthenticationFail(f"the supplied secret is incorrect: {message['secret']}")
-    log.info("server %s authenticated", conn.name)
-    server.trust_as_server(conn)
-    recovery.open_as_acceptor(server.state, conn)
+    log.info("server %s authenticated", session.address)
+    ctx.trust_as_server(session)
+    ctx.state.accept_link(session)
 
 
-def handle_server_announce(server, conn, message):
-    first = server.state.announced(conn, int(message["load"]), message["hostname"], int(message["port"]))
-    if first:
-        log.info("server link %s is %s:%s", conn.name, message["hostname"], message["port"])
-    recovery.peer_announced(server.state, conn, first)
+def handle_server_announce(ctx, session, message):
+    hostname, port = message["hostname"], int(message["port"])
+    if ctx.state.peer_announced(session, int(message["load"]), hostname, port):
+        log.info("server link %s is %s:%s", session.address, hostname, port)
 
 
-def handle_activity_broadcast(server, conn, message):
-    server.state.server_activity(conn, message["activity"], message["id"])
+def handle_activity_broadcast(ctx, session, message):
+    ctx.state.server_activity(session, message["activity"], message["id"])
 
 
-def handle_sync_user(server, conn, message):
-    server.state.merge_users(conn, message["users"])
+def handle_sync_user(ctx, session, message):
+    ctx.state.merge_users(session, message["users"])
 
 
-def handle_new_user(server, conn, message):
-    server.state.new_user(conn, message["username"], message["secret"])
+def handle_new_user(ctx, session, message):
+    ctx.state.new_user(session, message["username"], message["secret"])
 
 
-def handle_user_conflict(server, conn, message):
-    server.state.user_conflict(conn, message["username"])
+def handle_user_conflict(ctx, session, message):
+    ctx.state.user_conflict(session, message["username"])
 
 
-def handle_activity_retrieve(server, conn, message):
-    recovery.answer_retrieve(server.state, conn, message["after"], message.get("marks"))
+def handle_activity_retrieve(ctx, session, message):
+    ctx.state.peer_asked(session, message["after"], message.get("marks"))
 
 
-def handle_bundle(server, conn, message):
+def handle_bundle(ctx, session, message):
     """The Java implementation's envelope: each message handled in order as if it had arrived
     on this link on its own. It sends its reconnect sequence as one BUNDLE, so a BUNDLE may open
     a connection, provided it starts with AUTHENTICATE."""
     first = message["messages"][0] if message["messages"] else {}
-    if conn.role == "new" and first.get("command") != "AUTHENTICATE":
+    if session.role == NEW and first.get("command") != "AUTHENTICATE":
         raise InvalidMessage("a BUNDLE before AUTHENTICATE must start with AUTHENTICATE")
     for inner in message["messages"]:
-        dispatch_message(server, conn, inner)
+        dispatch_message(ctx, session, inner)
 
 
 # --- failure replies received -------------------------------------------------------------------
 
-def handle_invalid_message(server, conn, message):
-    if conn.role == "server":
-        log.error("server %s rejected our message: %s", conn.name, message["info"])
+def handle_invalid_message(ctx, session, message):
+    if session.role == SERVER:
+        log.error("server %s rejected our message: %s", session.address, message["info"])
     raise Goodbye(f"peer sent INVALID_MESSAGE: {message['info']}")
 
 
-def handle_authentication_fail(server, conn, message):
-    if conn.role == "server":
-        log.error("server %s refused our secret: %s", conn.name, message["info"])
-        raise Goodbye("authentication failed")
+def handle_authentication_fail(ctx, session, message):
+    if session.role == SERVER:
+        log.error("server %s refused our secret: %s", session.address, message["info"])
+        ctx.state.peer_refused(session)
     raise Goodbye(f"peer sent AUTHENTICATION_FAIL: {message['info']}")
 
 
@@ -139,36 +156,36 @@ SERVER_HANDLERS = {
 # A connection that has not said what it is yet may become a client or authenticate as a server.
 NEW_HANDLERS = {**CLIENT_HANDLERS, "AUTHENTICATE": handle_authenticate, "BUNDLE": handle_bundle}
 
-HANDLERS_BY_ROLE = {"new": NEW_HANDLERS, "client": CLIENT_HANDLERS, "server": SERVER_HANDLERS}
+HANDLERS_BY_ROLE = {NEW: NEW_HANDLERS, CLIENT: CLIENT_HANDLERS, SERVER: SERVER_HANDLERS}
 
 
-def dispatch_line(server, conn, line):
+def dispatch_line(ctx, session, line):
     """Handle one received line. Heartbeats are ignored where a server link may send them."""
-    if line == protocol.HEARTBEAT_LINE and conn.role != "client":
+    if line == protocol.HEARTBEAT_LINE and session.role != CLIENT:
         return
-    dispatch_message(server, conn, protocol.decode(line))
+    dispatch_message(ctx, session, protocol.decode(line))
 
 
-def dispatch_message(server, conn, message):
+def dispatch_message(ctx, session, message):
     command = message.get("command")
     if command is None:
         raise InvalidMessage("the message has no 'command' field")
     if not isinstance(command, str):
         raise InvalidMessage(f"the field 'command' must be a string, not {protocol.type_name(command)}")
-    handler = HANDLERS_BY_ROLE[conn.role].get(command)
+    handler = HANDLERS_BY_ROLE[session.role].get(command)
     if handler is None:
-        raise InvalidMessage(_refusal(conn.role, command))
+        raise InvalidMessage(_refusal(session.role, command))
     schemas.validate(message)
-    handler(server, conn, message)
+    handler(ctx, session, message)
 
 
 def _refusal(role, command):
     """Why ``command`` is not accepted from a connection in ``role``."""
-    if command == "AUTHENTICATE" and role == "client":
+    if command == "AUTHENTICATE" and role == CLIENT:
         return "AUTHENTICATE is not accepted on a client connection"
-    if command in SERVER_HANDLERS and role != "server":
+    if command in SERVER_HANDLERS and role != SERVER:
         return f"{command} is only accepted from an authenticated server: send AUTHENTICATE first"
-    if command in CLIENT_HANDLERS and role == "server":
+    if command in CLIENT_HANDLERS and role == SERVER:
         return f"{command} is a client command, not accepted on a server link"
     if command in schemas.COMMANDS:
         return f"{command} is sent by servers to clients, not accepted by a server"

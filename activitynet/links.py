@@ -3,17 +3,18 @@
 A link we dialled (``-rh/-rp``) is redialled forever after it breaks, waiting 0.1 s, then twice as
 long each failed try, up to ``MAX_RETRY_WAIT`` (or the activity interval ``-a``, if shorter), so
 a repaired network is in use again within about a second. A link the peer dialled is the peer's
-to repair. Every authenticated link carries a heartbeat line ``h`` about every second; a link
-silent for ``SILENCE`` seconds is dead (a frozen peer, a cut cable) and is closed.
+to repair; a peer that refused our secret is not redialled. Every authenticated link carries a
+heartbeat line ``h`` about every second; a link silent for ``SILENCE`` seconds is dead (a frozen
+peer, a cut cable) and is closed.
+
+Neither holds the ``Server``: the dialler gets a function that serves one dialled socket as a
+link until it ends (``serve_link(sock, peer_key) -> Session``), the heartbeat gets the state.
 """
 
 import logging
 import socket
 import threading
 import time
-
-from . import protocol, recovery
-from .connection import Connection, batch
 
 log = logging.getLogger(__name__)
 
@@ -25,23 +26,28 @@ STABLE = 5.0  # a link that lived this long resets the backoff
 
 
 class Dialer:
-    """Keeps one outgoing link to ``host:port`` up for as long as the server runs."""
+    """Keeps one outgoing link to ``host:port`` up until ``stopping`` is set."""
 
-    def __init__(self, server, host, port, max_wait):
-        self.server = server
+    def __init__(self, host, port, max_wait, stopping, serve_link):
         self.host = host
         self.port = port
         self.peer_key = f"{host}:{port}"
         self.max_wait = max_wait
+        self.stopping = stopping
+        self.serve_link = serve_link
         self.thread = threading.Thread(target=self._run, name=f"dial-{self.peer_key}", daemon=True)
 
     def start(self):
         self.thread.start()
 
+    def join(self, timeout):
+        if self.thread.ident is not None:  # started
+            self.thread.join(timeout)
+
     def _run(self):
         wait = FIRST_RETRY
         tries = 0
-        stopping = self.server.stopping
+        stopping = self.stopping
         while not stopping.is_set():
             tries += 1
             try:
@@ -57,10 +63,8 @@ class Dialer:
             log.info("connected to server %s (try %d)", self.peer_key, tries)
             tries = 0
             started = time.monotonic()
-            conn = Connection(sock, self.server.poller, 0, 0, name=self.peer_key)
-            self.server.trust_as_server(conn)
-            reason = self.server.run_connection(conn, opening=self._open)
-            if reason == "authentication failed":
+            session, reason = self.serve_link(sock, self.peer_key)
+            if session is not None and session.link is not None and session.link.refused:
                 log.error("server %s refused our secret; not redialling it", self.peer_key)
                 return
             if stopping.is_set():
@@ -71,33 +75,26 @@ class Dialer:
             stopping.wait(wait)
             wait = min(wait * 2, self.max_wait)
 
-    def _open(self, conn):
-        with batch():
-            recovery.open_as_initiator(self.server.state, conn, self.server.secret, self.peer_key)
-
 
 class Heartbeat:
-    """One thread for all links: send ``h``, close silent links, catch up peers that never ask."""
+    """One thread for all links: ``state.tick`` (``h``, the recovery clock), then close the
+    silent links it names (outside the state lock)."""
 
-    def __init__(self, server):
-        self.server = server
+    def __init__(self, state, stopping):
+        self.state = state
+        self.stopping = stopping
         self.thread = threading.Thread(target=self._run, name="heartbeat", daemon=True)
 
     def start(self):
         self.thread.start()
 
+    def join(self, timeout):
+        if self.thread.ident is not None:  # started
+            self.thread.join(timeout)
+
     def _run(self):
-        state = self.server.state
-        while not self.server.stopping.wait(HEARTBEAT_EVERY):
+        while not self.stopping.wait(HEARTBEAT_EVERY):
             now = time.monotonic()
-            with state.lock:
-                links = list(state.links.items())
-            with batch():
-                for conn, link in links:
-                    if now - conn.last_heard > SILENCE:
-                        log.warning("server link %s silent for %.1f s; closing it", conn.name, now - conn.last_heard)
-                        conn.close("silent")
-                        continue
-                    conn.send(protocol.HEARTBEAT)
-                    if not link.live and now - link.since >= recovery.LIVE_AFTER:
-                        recovery.peer_quiet(state, conn)
+            for outbox in self.state.tick(now, SILENCE):
+                log.warning("server link %s silent for %.1f s; closing it", outbox.name, now - outbox.last_heard)
+                outbox.close("silent")

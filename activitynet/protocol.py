@@ -134,7 +134,8 @@ class RegisterFailed(ProtocolError):
 # --- activity ids -------------------------------------------------------------------------------
 # Our ids are "<origin>:<seq>:<sent>": origin is 16 random hex digits chosen when a server process
 # starts, seq counts that process's activities from 1, sent is the wall-clock time it accepted the
-# activity, in ms. Foreign ids are opaque; ``parse_id`` returns None for them.
+# activity, in ms. Foreign ids are opaque; ``parse_id`` returns None for them. This is the one
+# place that knows the format.
 
 _OWN_ID = re.compile(r"([0-9a-f]{16}):([0-9]{1,18}):([0-9]{1,15})")
 
@@ -153,6 +154,14 @@ def parse_id(activity_id):
     if match is None:
         return None
     return match.group(1), int(match.group(2)), int(match.group(3))
+
+
+def split_id(activity_id):
+    """(origin, seq) as the texts an id of ours would have there, unchecked: for scanning a whole
+    history, about three times cheaper than ``parse_id``. The caller checks the origin against
+    origins it knows (whose ids are ours) and the seq with ``str.isdigit``."""
+    origin, _, rest = activity_id.partition(":")
+    return origin, rest.partition(":")[0]
 
 
 # --- message builders ---------------------------------------------------------------------------

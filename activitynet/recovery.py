@@ -12,74 +12,163 @@ From the seed notes' memo, with our decisions from PROTOCOL.md section 4:
     answers it, then live   <-------   SERVER_ANNOUNCE
 
 Ask for what you lack, not for everything: ``after`` is the last id received from that peer
-before the link broke, and ``marks`` (our optional extension, ignored by other implementations)
-says, per origin server, the highest sequence number already held, so one of our peers sends
-exactly what is missing: our ids by the marks alone, since the peer at an address may be a
-restarted process whose history is in another order (see ``missing_entries``), and only the
-foreign ids by the position of ``after``. A peer that never asks (another implementation, or a
-test speaking raw JSON) is caught up once it announces itself or after ``LIVE_AFTER`` seconds
-(see ``peer_quiet``).
+before the link broke (``PeerMemory``), and ``marks`` (our optional extension, ignored by other
+implementations) says, per origin server, the highest sequence number already held, so one of our
+peers sends exactly what is missing: our ids by the marks alone, since the peer at an address may
+be a restarted process whose history is in another order (see ``missing_entries``), and only the
+foreign ids by the position of ``after``.
+
+The machine. One ``Link`` per authenticated server link, owned by the session of that link and
+changed only under the state lock. It works on plain data and never calls anyone: each event
+(``open``, ``peer_announced``, ``peer_asked``, ``tick``, ``peer_refused``) updates the record and
+returns the ``Step``s to take now, in order; ``State`` turns each step into bytes under the same
+lock, so nothing can come between them. Two things progress independently:
+
+- ``asked``: our half of the routine is out (the initiator's whole opening; the acceptor's
+  ACTIVITY_RETRIEVE and SERVER_ANNOUNCE);
+- ``live``: the peer has been sent its backlog (our answer to its ACTIVITY_RETRIEVE, or a catch-up
+  for a peer that does not ask), so activities are forwarded to it as they arrive. Nothing is
+  forwarded before, so no activity overtakes an older one the backlog holds.
+
+A peer that never asks (another implementation, or a test speaking raw JSON) is caught up once
+it announces itself, or after ``LIVE_AFTER`` seconds (``tick``).
 """
 
+import enum
+import time
+
 from . import protocol
-from .protocol import encode
 
 LIVE_AFTER = 1.0
 
 
-def open_as_initiator(state, conn, secret, peer_key):
-    """Our half of the routine on a link we dialled."""
-    state.link_up(conn, initiator=True, peer_key=peer_key, first=encode(protocol.authenticate(secret)))
-    state.send_retrieve(conn, retrieve_request)
-    state.send_users(conn)
-    state.send_announce(conn)
+class Step(enum.Enum):
+    """What a link's machine asks ``State`` to send, in order."""
+
+    AUTHENTICATE = "AUTHENTICATE"
+    USERS = "SYNC_USER"  # every user
+    ASK = "ACTIVITY_RETRIEVE"  # ours: after the last id from this peer, with our marks
+    ANNOUNCE = "SERVER_ANNOUNCE"  # our load
+    ANSWER = "answer"  # the entries the peer's ACTIVITY_RETRIEVE lacks
+    CATCH_UP = "catch up"  # the entries added since the link came up
+    REPLAY = "replay"  # the whole history, in order
 
 
-def open_as_acceptor(state, conn):
-    """Right after a peer's AUTHENTICATE succeeded. Our ACTIVITY_RETRIEVE and SERVER_ANNOUNCE
-    follow its SERVER_ANNOUNCE (``peer_announced``), when we know which peer it is."""
-    state.link_up(conn, initiator=False)
-    state.send_users(conn)
+class Link:
+    """One server link's progress through the routine (see the module docstring)."""
+
+    __slots__ = ("initiator", "peer_key", "start_no", "opened_at", "since", "asked", "live",
+                 "refused", "load", "hostname", "port", "activities_sent", "activities_received")
+
+    def __init__(self, initiator, peer_key, start_no, now):
+        self.initiator = initiator
+        self.peer_key = peer_key  # "host:port" of the peer's listener, once known
+        self.start_no = start_no  # history number when the link came up
+        self.opened_at = now  # monotonic
+        self.since = time.time()  # wall clock, for people
+        self.asked = False
+        self.live = False
+        self.refused = False  # the peer refused our secret: do not redial it
+        self.load = None  # the peer's last announced client load
+        self.hostname = None
+        self.port = None
+        self.activities_sent = 0
+        self.activities_received = 0
+
+    @classmethod
+    def dialled(cls, peer_key, start_no, now):
+        return cls(True, peer_key, start_no, now)
+
+    @classmethod
+    def accepted(cls, start_no, now):
+        return cls(False, None, start_no, now)
+
+    @property
+    def phase(self):
+        if self.refused:
+            return "refused"
+        if self.live:
+            return "live" if self.asked else "answered"
+        return "asked" if self.asked else "authenticated"
+
+    @property
+    def announced(self):
+        return self.hostname is not None
+
+    def open(self):
+        """The link is authenticated: the initiator's whole opening, the acceptor's SYNC_USER
+        (AUTHENTICATE's success reply)."""
+        if self.initiator:
+            self.asked = True
+            return (Step.AUTHENTICATE, Step.ASK, Step.USERS, Step.ANNOUNCE)
+        return (Step.USERS,)
+
+    def peer_announced(self, load, hostname, port):
+        """A SERVER_ANNOUNCE: the acceptor now knows who dialled and takes its turn; a peer not
+        yet caught up is caught up."""
+        first = not self.announced
+        self.load, self.hostname, self.port = load, hostname, port
+        if self.peer_key is None:
+            self.peer_key = f"{hostname}:{port}"
+        steps = []
+        if first and not self.initiator:
+            steps += self._acceptor_turn()
+        if not self.live:
+            self.live = True
+            steps.append(Step.CATCH_UP)
+        return steps
+
+    def peer_asked(self):
+        """The peer's ACTIVITY_RETRIEVE: answer it, and forward live from then on."""
+        self.live = True
+        return (Step.ANSWER,)
+
+    def tick(self, now):
+        """The heartbeat's clock. ``LIVE_AFTER`` seconds passed and the peer neither asked for
+        history nor announced itself: finish our half anyway.
+
+        On a link we dialled, the peer may just be slow (busy, or a slow network) and ask later.
+        Sending it only what arrived since the link came up would put those activities *before*
+        the older ones its ACTIVITY_RETRIEVE asks for, and it would drop the older ones as already
+        seen (de-duplication by per-origin sequence number). So it gets the whole history, in
+        order: a superset it de-duplicates, with nothing out of order. A peer that never asks (a
+        test's fake server, say) still gets every activity."""
+        if self.live or self.refused or now - self.opened_at < LIVE_AFTER:
+            return ()
+        self.live = True
+        if self.initiator:
+            return (Step.REPLAY,)
+        return (*self._acceptor_turn(), Step.CATCH_UP)
+
+    def peer_refused(self):
+        """The peer answered AUTHENTICATION_FAIL: our secret is wrong for it."""
+        self.refused = True
+
+    @property
+    def may_announce_load(self):
+        """Whether a load change may be announced on this link now."""
+        return True
+
+    def _acceptor_turn(self):
+        """The acceptor's ACTIVITY_RETRIEVE and SERVER_ANNOUNCE, once per link."""
+        if self.initiator or self.asked:
+            return []
+        self.asked = True
+        return [Step.ASK, Step.ANNOUNCE]
 
 
-def peer_announced(state, conn, first):
-    """A SERVER_ANNOUNCE arrived on ``conn``; ``first`` is True for the link's first one."""
-    if first:
-        _acceptor_turn(state, conn)
-    state.go_live(conn)
+class PeerMemory:
+    """The last activity id received from each peer address, across links: what to ask after
+    when a link to that address comes up again (guarded by the state lock)."""
 
+    def __init__(self):
+        self._last = {}  # peer_key -> activity id
 
-def peer_quiet(state, conn):
-    """``LIVE_AFTER`` seconds passed and the peer neither asked for history nor announced
-    itself (another implementation, or a script speaking raw JSON): finish our half anyway.
+    def heard(self, peer_key, activity_id):
+        self._last[peer_key] = activity_id
 
-    On a link we dialled, the peer may just be slow (busy, or a slow network) and ask later.
-    Sending it only what arrived since the link came up would put those activities *before* the
-    older ones its ACTIVITY_RETRIEVE asks for, and it would drop the older ones as already seen
-    (de-duplication by per-origin sequence number). So it gets the whole history, in order: a
-    superset it de-duplicates, with nothing out of order. A peer that never asks (a test's fake
-    server, say) still gets every activity."""
-    if conn.link.initiator:
-        state.go_live(conn, whole_history=True)
-        return
-    _acceptor_turn(state, conn)
-    state.go_live(conn)
-
-
-def _acceptor_turn(state, conn):
-    """The acceptor's ACTIVITY_RETRIEVE and SERVER_ANNOUNCE, once per link."""
-    if not conn.link.initiator and state.send_retrieve(conn, retrieve_request):
-        state.send_announce(conn)
-
-
-def answer_retrieve(state, conn, after, marks):
-    state.answer_retrieve(conn, lambda history: missing_entries(history, after, marks))
-
-
-def retrieve_request(state, link):
-    """Our ACTIVITY_RETRIEVE for ``link`` (called under the state lock)."""
-    after = state.last_from.get(link.peer_key, "") if link.peer_key else ""
-    return protocol.activity_retrieve(after, dict(state.high))
+    def last_from(self, peer_key):
+        return self._last.get(peer_key, "") if peer_key else ""
 
 
 def missing_entries(history, after, marks):
@@ -99,14 +188,14 @@ def missing_entries(history, after, marks):
     after_no = history.number_of(after) if after else None
     start = 0 if after_no is None else after_no + 1  # foreign ids from here on are sent
     missing = []
+    parse_id = protocol.parse_id
     for entry in history.after_id(None):
-        activity_id = entry[1]
-        origin, _, rest = activity_id.partition(":")  # cheaper than parse_id, for a whole history
-        mark = marks.get(origin)
-        if mark is not None:  # one of ours, from an origin the peer holds some of
-            seq = rest.partition(":")[0]
-            if not (seq.isdigit() and int(seq) <= mark):
+        parsed = parse_id(entry[1])
+        if parsed is None:
+            if entry[0] >= start:
                 missing.append(entry)
-        elif entry[0] >= start or protocol.parse_id(activity_id) is not None:
+            continue
+        mark = marks.get(parsed[0])
+        if mark is None or parsed[1] > mark:  # an origin the peer holds none of, or above its mark
             missing.append(entry)
     return missing

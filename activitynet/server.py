@@ -35,11 +35,12 @@ import signal
 import socket
 import sys
 import threading
+import time
 
-from . import cli, handlers, protocol
-from .connection import Connection, LineTooLong, Poller, batch
+from . import cli, handlers
+from .connection import Connection, LineTooLong, PlainTransport, Poller
 from .links import MAX_RETRY_WAIT, Dialer, Heartbeat
-from .protocol import ProtocolError, encode
+from .protocol import InvalidMessage, ProtocolError, encode
 from .state import State
 
 log = logging.getLogger("activitynet.server" if __name__ == "__main__" else __name__)
@@ -79,12 +80,21 @@ class Settings:
 
 
 class Server:
-    """One activitynet server: ``serve_forever`` until ``shutdown``, then ``server_close``."""
+    """One activitynet server: ``serve_forever`` until ``shutdown``, then ``server_close``.
+
+    As in ``socketserver``: ``shutdown`` asks ``serve_forever`` to stop and waits until it has
+    returned (so it must be called from another thread; a signal handler in the serving thread
+    calls ``request_shutdown`` instead), and ``server_close`` releases the listener and joins
+    the threads the server started, each with a timeout."""
+
+    JOIN_TIMEOUT = 5.0
 
     def __init__(self, settings):
         self.settings = settings
         self.secret = settings.secret or generate_secret()
         self.stopping = threading.Event()
+        self._stopped = threading.Event()  # set while serve_forever is not running
+        self._stopped.set()
         self.listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         self.listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
@@ -96,18 +106,27 @@ class Server:
         self.port = self.listener.getsockname()[1]
         self.state = State(settings.local_host, self.port, history_size=settings.history)
         self.poller = Poller()
+        self.context = handlers.Context(self.state, self.secret, self._trust_as_server)
         self._conns_lock = threading.Lock()  # guards _conns
-        self._conns = set()
-        self._threads = [Heartbeat(self)]
+        self._conns = {}  # open Connection -> the thread serving it
+        self._threads = [Heartbeat(self.state, self.stopping)]
         if settings.remote_host:
             max_wait = min(max(settings.activity_interval, 100) / 1000, MAX_RETRY_WAIT)
-            self._threads.append(Dialer(self, settings.remote_host, settings.remote_port, max_wait))
+            self._threads.append(Dialer(settings.remote_host, settings.remote_port, max_wait,
+                                        self.stopping, self.serve_link))
 
     @property
     def address(self):
         return self.settings.local_host, self.port
 
     def serve_forever(self):
+        self._stopped.clear()
+        try:
+            self._accept_loop()
+        finally:
+            self._stopped.set()
+
+    def _accept_loop(self):
         log.info("listening on %s:%d (announced as %s:%d)", self.settings.bind, self.port, *self.address)
         for thread in self._threads:
             thread.start()
@@ -123,33 +142,50 @@ class Server:
                 continue
             number += 1
             try:
-                conn = Connection(sock, self.poller, self.settings.max_line, self.settings.max_outbox)
-                threading.Thread(target=self.run_connection, args=(conn,),
+                threading.Thread(target=self._serve_accepted, args=(sock,),
                                  name=f"conn-{number}", daemon=True).start()
             except Exception:  # e.g. no thread could be started; one connection, not the server
                 log.exception("cannot serve a new connection")
                 sock.close()
 
-    def run_connection(self, conn, opening=None):
-        """Read and handle ``conn`` until it ends; returns why it ended."""
+    def _serve_accepted(self, sock):
+        conn = Connection(PlainTransport(sock), self.poller, self.state.outgoing,
+                          self.settings.max_line, self.settings.max_outbox)
+        if self._track(conn):
+            self._serve(conn, self.state.open_session(conn, conn.name))
+
+    def serve_link(self, sock, peer_key):
+        """Serve a socket we dialled to ``peer_key`` as a server link until it ends (the
+        dialler's thread); returns (its Session or None, why it ended)."""
+        conn = Connection(PlainTransport(sock), self.poller, self.state.outgoing,
+                          self.settings.server_max_line, self.settings.server_max_outbox, name=peer_key)
+        if not self._track(conn):
+            return None, conn.close_reason
+        session = self.state.open_session(conn, conn.name)
+        self.state.dial_link(session, peer_key, self.secret)
+        return session, self._serve(conn, session)
+
+    def _track(self, conn):
+        """Register ``conn`` so that ``shutdown`` closes it; False (and closed) when stopping."""
         with self._conns_lock:
             if self.stopping.is_set():
                 conn.close("server stopping")
-                return "server stopping"
-            self._conns.add(conn)
+                return False
+            self._conns[conn] = threading.current_thread()
+            return True
+
+    def _serve(self, conn, session):
+        """Read and handle ``conn`` until it ends; returns why it ended."""
         ending = None
         try:
-            if opening is not None:
-                opening(conn)
             for lines in conn.batches():
-                with batch():
-                    ending = self._handle_lines(conn, lines)
+                with self.state.outgoing:  # one flush per peer for the whole batch
+                    ending = self._handle_lines(session, lines)
                 if ending is not None:
                     break
         except LineTooLong as exc:
-            ending = (encode(protocol.info_message(
-                "INVALID_MESSAGE", f"line of {exc.args[0]} bytes or more is longer than the limit "
-                                   f"of {conn.max_line} bytes")), "line too long")
+            ending = _ending_for(InvalidMessage(
+                f"line of {exc.args[0]} bytes or more is longer than the limit of {conn.max_line} bytes"))
         except Exception:
             log.exception("error serving %s; closing it", conn.name)
             conn.close("internal error")
@@ -159,29 +195,28 @@ class Server:
                 log.info("closing %s: %s", conn.name, reason)
                 conn.finish(data, reason) if data else conn.close(reason)
             conn.close("peer closed")
-            self.state.drop(conn)
+            self.state.close_session(session)
             with self._conns_lock:
-                self._conns.discard(conn)
+                self._conns.pop(conn, None)
         return conn.close_reason
 
-    def _handle_lines(self, conn, lines):
+    def _handle_lines(self, session, lines):
         """Handle a batch of lines; returns (last bytes, reason) once the connection must end."""
         for line in lines:
+            session.messages_in += 1
             try:
-                handlers.dispatch_line(self, conn, line)
-            except ProtocolError as err:
-                return encode(err.reply()), f"{err.command}: {err.info}"
-            except handlers.Goodbye as bye:
-                return (encode(bye.message) if bye.message else b""), bye.reason
+                handlers.dispatch_line(self.context, session, line)
+            except (ProtocolError, handlers.Goodbye) as exc:
+                return _ending_for(exc)
         return None
 
-    def trust_as_server(self, conn):
+    def _trust_as_server(self, session):
         """Give an authenticated server link the larger limits servers are trusted with."""
-        conn.max_line = self.settings.server_max_line
-        conn.max_outbox = self.settings.server_max_outbox
+        session.outbox.max_line = self.settings.server_max_line
+        session.outbox.max_outbox = self.settings.server_max_outbox
 
-    def shutdown(self):
-        """Stop accepting, close every connection; ``serve_forever`` returns soon after."""
+    def request_shutdown(self):
+        """Stop accepting and close every connection; does not wait (safe in a signal handler)."""
         self.stopping.set()
         try:
             self.listener.shutdown(socket.SHUT_RDWR)  # wakes the blocked accept()
@@ -192,9 +227,30 @@ class Server:
         for conn in conns:
             conn.close("server stopping")
 
+    def shutdown(self):
+        """``request_shutdown``, then wait until ``serve_forever`` has returned."""
+        self.request_shutdown()
+        self._stopped.wait()
+
     def server_close(self):
+        """Release the listener, join the threads this server started (``JOIN_TIMEOUT`` in all),
+        stop the poller."""
+        self.request_shutdown()
         self.listener.close()
+        deadline = time.monotonic() + self.JOIN_TIMEOUT
+        with self._conns_lock:
+            threads = list(self._conns.values())
+        for worker in [*self._threads, *threads]:
+            if worker is not threading.current_thread():
+                worker.join(max(0.0, deadline - time.monotonic()))
         self.poller.close()
+
+
+def _ending_for(exc):
+    """The one place a protocol error or a goodbye becomes the last bytes and the close reason."""
+    if isinstance(exc, ProtocolError):
+        return encode(exc.reply()), f"{exc.command}: {exc.info}"
+    return (encode(exc.message) if exc.message else b""), exc.reason
 
 
 def generate_secret():
@@ -268,7 +324,7 @@ def run(argv, stdout=sys.stdout, stderr=sys.stderr):
     if settings.secret is None:
         print(f"generated secret: {server.secret}", file=stdout, flush=True)
     for signum in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(signum, lambda *_: server.shutdown())
+        signal.signal(signum, lambda *_: server.request_shutdown())
     try:
         server.serve_forever()
     finally:

@@ -4,6 +4,7 @@ import logging
 
 import pytest
 
+import lockcheck
 from harness import LocalServer, ServerProcess, server_errors
 
 
@@ -15,6 +16,15 @@ def no_server_crashes(caplog):
     yield
     crashes = server_errors(caplog, tracebacks_only=True)
     assert not crashes, "server tracebacks:\n" + "\n".join(crashes)
+
+
+@pytest.fixture(autouse=True)
+def lock_rule(monkeypatch):
+    """Every test: no in-process server writes, shuts down or closes a socket while holding the
+    state lock (see lockcheck.py). Yields the Watch, for tests that look at it."""
+    watch = lockcheck.install(monkeypatch)
+    yield watch
+    assert not watch.violations, "socket I/O under the state lock:\n" + "\n".join(watch.violations[:3])
 
 
 @pytest.fixture

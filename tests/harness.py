@@ -5,6 +5,7 @@ pass on a slow, busy machine. Every message a test client receives is validated 
 schema, so code and ``schemas/`` cannot drift apart.
 """
 
+import contextlib
 import json
 import logging
 import os
@@ -15,6 +16,7 @@ import subprocess
 import sys
 import threading
 import time
+import types
 from pathlib import Path
 
 from activitynet import schemas
@@ -135,7 +137,8 @@ def activity(client, body, username="anonymous", secret=None):
 # --- servers in this process --------------------------------------------------------------------
 
 class LocalServer:
-    """A ``Server`` running in a thread of the test process; its state can be inspected."""
+    """A ``Server`` running in a thread of the test process; its state is read through
+    ``State.snapshot()`` and ``State.user_directory()`` (copies taken under the lock)."""
 
     def __init__(self, remote=None, secret=SECRET, **settings):
         options = dict(local_port=0, local_host="127.0.0.1", bind="127.0.0.1", secret=secret,
@@ -145,19 +148,53 @@ class LocalServer:
         options.update(settings)
         self.server = Server(Settings(**options))
         self.port = self.server.port
-        self.state = self.server.state
+        self.state = _StateForTestClient(self.server.state)  # tests read snapshot() and users()
         self.thread = threading.Thread(target=self.server.serve_forever, name=f"server-{self.port}")
         self.thread.start()
 
+    def snapshot(self):
+        return self.server.state.snapshot()
+
+    def links(self):
+        return self.snapshot()["links"]
+
+    def users(self):
+        """{username: secret} registered here, a copy."""
+        return self.server.state.user_directory()[0]
+
+    def blocked(self):
+        return self.server.state.user_directory()[1]
+
     def live_links(self):
-        with self.state.lock:
-            return sum(1 for link in self.state.links.values() if link.live and link.hostname)
+        return sum(1 for link in self.links() if link["live"] and link["peer"])
 
     def stop(self):
         self.server.shutdown()
         self.thread.join(timeout=10)
         self.server.server_close()
         assert not self.thread.is_alive()
+
+
+class _StateForTestClient:
+    """``State`` as tests/test_client.py still reads it (``lock``, ``links``, ``users``): copies
+    from ``State.snapshot()``. Goes when that file reads the snapshot itself (the client split)."""
+
+    def __init__(self, state):
+        self._state = state
+        self.lock = contextlib.nullcontext()
+
+    def __getattr__(self, name):
+        return getattr(self._state, name)
+
+    @property
+    def users(self):
+        return self._state.user_directory()[0]
+
+    @property
+    def links(self):
+        return {link["id"]: types.SimpleNamespace(
+                    load=link["load"], port=int(link["peer"].rsplit(":", 1)[1]) if link["peer"] else None)
+                for link in self._state.snapshot()["links"]}
 
 
 def wait_links(*servers_and_counts, timeout=TIMEOUT):

@@ -10,19 +10,21 @@ import io
 import json
 import os
 import re
+import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import threading
 
 import pytest
 
-from activitynet import client as client_module
 from activitynet import schemas
 from activitynet.client import (AuthenticationFailed, Client, ConnectionLost, InvalidMessage,
-                                LoginFailed, RegisterFailed, TooManyRedirects, activity_from_line,
-                                error_for, format_activity)
+                                LoginFailed, RegisterFailed, TooManyRedirects, error_for)
+from activitynet.client import failover_order, terminal
+from activitynet.client.terminal import activity_from_line, format_activity
 from harness import ROOT, TIMEOUT, LineClient, activity, login, register, wait_links, wait_until
 
 HOST = "127.0.0.1"
@@ -202,6 +204,14 @@ def can_login(port, username, secret):
         peer.close()
 
 
+def connection_ends(client):
+    """The server went away: recv() gives None (closed) or raises ConnectionLost (reset)."""
+    try:
+        return client.recv(TIMEOUT) is None
+    except ConnectionLost:
+        return True
+
+
 def neighbour_loads(server):
     """{port: load} as ``server`` last heard from each neighbour."""
     with server.state.lock:
@@ -267,16 +277,25 @@ def test_error_for_maps_each_failure_reply():
 # --- command line parsing (in process) ----------------------------------------------------------
 
 def test_project1_flags_and_long_forms_parse_alike():
-    short = client_module.parse_options(["-u", "alice", "-s", "pw", "-rh", "example", "-rp", "3781"])
-    long = client_module.parse_options(["--username", "alice", "--secret=pw", "--remote-host",
+    short = terminal.parse_options(["-u", "alice", "-s", "pw", "-rh", "example", "-rp", "3781"])
+    long = terminal.parse_options(["--username", "alice", "--secret=pw", "--remote-host",
                                         "example", "--remote-port", "3781"])
     for options in (short, long):
         assert (options.username, options.secret, options.host, options.port) == \
             ("alice", "pw", "example", 3781)
-    defaults = client_module.parse_options([])
+    defaults = terminal.parse_options([])
     assert (defaults.username, defaults.secret, defaults.host, defaults.port) == \
         ("anonymous", None, "localhost", 3780)
     assert defaults.reconnect and not defaults.json
+
+
+def test_servers_and_tls_options_parse():
+    options = terminal.parse_options(["-rh", "h1", "-rp", "1", "--servers", "h2:2, 10.0.0.3:3,[::1]:4"])
+    assert options.servers == [("h2", 2), ("10.0.0.3", 3), ("::1", 4)]
+    assert options.ssl_context is None
+    assert terminal.parse_options([]).servers == []
+    tls = terminal.parse_options(["--tls"]).ssl_context
+    assert tls.verify_mode == ssl.CERT_REQUIRED and tls.check_hostname
 
 
 @pytest.mark.parametrize("argv, complaint", [
@@ -288,10 +307,22 @@ def test_project1_flags_and_long_forms_parse_alike():
     (["-s", ""], "must not be empty"),
     (["--max-redirects", "-1"], "--max-redirects"),
     (["--log-level", "loud"], "--log-level"),
+    (["--servers", "nope"], "--servers must be HOST:PORT[,HOST:PORT...] with ports from 1 to 65535; "
+                            "'nope' is not"),
+    (["--servers", "a:1,b"], "'b' is not (in 'a:1,b')"),
+    (["--servers", "a:1,"], "'' is not (in 'a:1,')"),
+    (["--servers", ":3780"], "':3780' is not"),
+    (["--servers", "a:0"], "'a:0' is not"),
+    (["--servers", "a:65536"], "'a:65536' is not"),
+    (["--servers", "a:x1"], "'a:x1' is not"),
+    (["--servers"], "--servers requires argument"),
+    (["--tls-ca", "/nonexistent/ca.pem"], "--tls-ca '/nonexistent/ca.pem' cannot be used as CA "
+                                          "certificates (PEM): No such file or directory"),
+    (["--tls-ca", __file__], "cannot be used as CA certificates (PEM): it holds no PEM certificate"),
 ])
 def test_bad_command_lines_exit_2(argv, complaint):
     stdout, stderr = io.StringIO(), io.StringIO()
-    assert client_module.run(argv, io.StringIO(), stdout, stderr) == 2
+    assert terminal.run(argv, io.StringIO(), stdout, stderr) == 2
     assert complaint in stderr.getvalue()
     assert stderr.getvalue().startswith("activitynet.client: ") and stdout.getvalue() == ""
 
@@ -299,7 +330,7 @@ def test_bad_command_lines_exit_2(argv, complaint):
 def test_help_prints_usage():
     for flag in ("-h", "--help"):
         stdout = io.StringIO()
-        assert client_module.run([flag], io.StringIO(), stdout, io.StringIO()) == 0
+        assert terminal.run([flag], io.StringIO(), stdout, io.StringIO()) == 0
         assert "Usage:\n  activitynet.client [options]" in stdout.getvalue()
         assert "-rh" in stdout.getvalue() and "Design:" not in stdout.getvalue()
 
@@ -485,6 +516,72 @@ def test_library_raises_scripted_failures(fake_server):
     with pytest.raises(ConnectionLost):
         Client(HOST, fake.port).login()
     fake.check()
+
+
+def test_failover_order():
+    a, b, c, elsewhere = ("a", 1), ("b", 2), ("c", 3), ("redirected", 4)
+    assert failover_order([a, b, c], a) == [b, c, a]
+    assert failover_order([a, b, c], b) == [c, a, b]
+    assert failover_order([a, b, c], c) == [a, b, c]
+    assert failover_order([a], a) == [a]
+    assert failover_order([a, b], elsewhere) == [elsewhere, a, b]
+
+
+def test_library_reconnect_backs_off_and_walks_the_list_until_stopped():
+    """Nobody answers: reconnect() waits 0.2 s, then twice as long each time up to 5 s, trying
+    the servers after the lost one in turn, and returns False once ``stop`` is set."""
+    dead = [(HOST, _free_port()) for _ in range(3)]
+    client = Client(*dead[0], servers=dead[1:])
+    waits, tried = [], []
+
+    class Stop:
+        def wait(self, seconds):  # stands in for threading.Event: records instead of sleeping
+            if waits:
+                tried.append((client.host, client.port))
+            waits.append(seconds)
+            return len(waits) > 8
+
+    assert client.reconnect(Stop()) is False
+    assert waits == [0.2, 0.4, 0.8, 1.6, 3.2, 5.0, 5.0, 5.0, 5.0]
+    assert tried == [dead[1], dead[2], dead[0]] * 2 + [dead[1], dead[2]]
+    assert not client.logged_in and client.sock is None
+
+
+def test_library_skips_a_server_that_does_not_answer_at_start_up(make_server):
+    server = make_server()
+    dead = _free_port()
+    with Client(HOST, dead, "carol", servers=[(HOST, server.port)]) as client:
+        client.connect()
+        assert client.logged_in and (client.host, client.port) == (HOST, server.port)
+        assert server.state.users["carol"] == client.secret
+    with pytest.raises(ConnectionRefusedError):  # nobody answers: the last server's error
+        Client(HOST, dead, servers=[(HOST, _free_port())]).connect()
+
+
+def test_library_fails_over_to_the_next_server_and_logs_in_again(make_process):
+    """A client on A, A killed for good: reconnect() logs in on B (the next of its servers) with
+    the secret it registered on A, and its activities reach B's clients."""
+    a = make_process()
+    b = make_process(remote_port=a.port)
+    client = Client(HOST, a.port, "gina", servers=[(HOST, b.port)], redirect_wait=0)
+    client.connect()
+    assert client.generated_secret and client.port == a.port
+    wait_until(lambda: can_login(b.port, "gina", client.secret), message="gina to reach B")
+    observer = login(b.port)
+    secret = client.secret
+    a.kill()
+    assert connection_ends(client)
+    # B knows gina, so a second REGISTER would fail there: logging in proves it is not repeated
+    assert client.reconnect() is True
+    assert client.logged_in and (client.host, client.port) == (HOST, b.port)
+    assert client.secret == secret
+    client.send_activity({"after": "failover"})
+    assert observer.expect("ACTIVITY_BROADCAST")["activity"] == \
+        {"after": "failover", "authenticated_user": "gina"}
+    assert client.recv(TIMEOUT)["activity"]["after"] == "failover"
+    client.logout()
+    client.close()
+    observer.close()
 
 
 # --- the command line against real servers ------------------------------------------------------
@@ -676,6 +773,61 @@ def test_cli_reconnects_after_the_server_is_killed_and_restarted(make_process, r
     observer.close()
 
 
+def test_cli_fails_over_to_the_next_server_when_its_own_dies_for_good(make_process, run_client):
+    """A client on A with --servers B: A is killed and never comes back. The client logs in on B
+    as the user it registered on A (no second REGISTER), what was typed meanwhile is sent, and
+    what it types reaches B's clients."""
+    a = make_process()
+    b = make_process(remote_port=a.port)
+    observer = login(b.port)  # B has one client, A none: A keeps the next one (no REDIRECT)
+    client = run_client(a.port, "-u", "hana", "--servers", f"127.0.0.1:{b.port}")
+    secret = client.wait_line(r"generated secret (\S+)").group(1)
+    client.wait_line(rf"logged in as hana at 127\.0\.0\.1:{a.port}$")
+    wait_until(lambda: can_login(b.port, "hana", secret), message="hana to reach B")
+    a.kill()
+    client.wait_line(rf"lost the connection to 127\.0\.0\.1:{a.port}; reconnecting")
+    client.write("typed while failing over\n")
+    client.wait_line(rf"reconnected as hana at 127\.0\.0\.1:{b.port}$")
+    assert observer.expect("ACTIVITY_BROADCAST")["activity"] == \
+        {"message": "typed while failing over", "authenticated_user": "hana"}
+    client.write("hello B\n")
+    assert observer.expect("ACTIVITY_BROADCAST")["activity"] == \
+        {"message": "hello B", "authenticated_user": "hana"}
+    client.wait_line(r"^hana: hello B$", "out")
+    client.close_input()
+    finished(client)
+    assert sum("registered hana" in line for line in client.lines("err")) == 1
+    assert client.error_lines() == []
+    observer.close()
+
+
+def test_cli_starts_on_the_next_server_when_the_first_does_not_answer(make_server, run_client):
+    server = make_server()
+    dead = _free_port()
+    client = run_client(dead, "--servers", f"127.0.0.1:{_free_port()},127.0.0.1:{server.port}")
+    client.wait_line(rf"logged in as anonymous at 127\.0\.0\.1:{server.port}$")
+    client.close_input()
+    finished(client)
+    assert client.error_lines() == []
+
+
+def test_cli_end_of_input_while_reconnecting_exits_0(make_process, run_client):
+    """Ctrl-D while the client waits to reconnect: it stops waiting and exits 0 (nothing to log
+    out from: it is not connected), without a traceback. This once crashed in 3 runs of 4 (the
+    session dropped its connection object while reconnecting), so it runs 10 times."""
+    server = make_process()
+    for run in range(10):
+        if not server.alive():
+            server.start()  # on the same port
+        client = run_client(server.port)
+        client.wait_line(r"logged in as anonymous")
+        server.kill()
+        client.wait_line(rf"lost the connection to 127\.0\.0\.1:{server.port}; reconnecting")
+        client.close_input()
+        finished(client)
+        assert client.error_lines() == [], f"run {run}:\n{client.transcript()}"
+
+
 def test_cli_reconnection_retries_a_login_the_restarted_server_refuses(fake_server, run_client):
     """A restarted server may not have relearnt the users when the client is back: LOGIN_FAILED
     then is retried (with backoff), not taken as final."""
@@ -734,3 +886,101 @@ def test_cli_no_reconnect_exits_1(make_process, run_client):
     finished(client, 1)
     assert client.error_lines() == [f"activitynet.client: error: lost the connection to "
                                     f"127.0.0.1:{server.port}"]
+
+
+# --- TLS ----------------------------------------------------------------------------------------
+# The servers' side of TLS is built elsewhere; here a scripted server speaks just enough of the
+# protocol over TLS (LOGIN -> LOGIN_SUCCESS, ACTIVITY_MESSAGE -> ACTIVITY_BROADCAST, LOGOUT) to
+# show that the client verifies the server and talks to it through TLS. Certificates are made at
+# test time with the openssl command.
+
+def openssl(*args, cwd):
+    subprocess.run(["openssl", *args], cwd=cwd, check=True, capture_output=True, timeout=60)
+
+
+def make_ca(directory, name):
+    """A self-signed CA: ``name``.pem and ``name``.key in ``directory``."""
+    openssl("req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
+            "-keyout", f"{name}.key", "-out", f"{name}.pem", "-days", "2", "-subj", f"/CN={name}",
+            "-addext", "basicConstraints=critical,CA:TRUE",
+            "-addext", "keyUsage=critical,keyCertSign,cRLSign", cwd=directory)
+    return directory / f"{name}.pem"
+
+
+@pytest.fixture(scope="module")
+def tls_files(tmp_path_factory):
+    """{"ca": trusted CA, "other_ca": a CA that signed nothing here, "cert"/"key": the server's
+    certificate for 127.0.0.1, signed by "ca"}."""
+    if shutil.which("openssl") is None:
+        pytest.skip("the openssl command is needed to make test certificates, and is not installed")
+    directory = tmp_path_factory.mktemp("tls")
+    ca = make_ca(directory, "ca")
+    other = make_ca(directory, "other_ca")
+    (directory / "server.ext").write_text(
+        "basicConstraints=CA:FALSE\nkeyUsage=critical,digitalSignature\n"
+        "extendedKeyUsage=serverAuth\nsubjectAltName=IP:127.0.0.1\n"
+        "subjectKeyIdentifier=hash\nauthorityKeyIdentifier=keyid\n")
+    openssl("req", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
+            "-keyout", "server.key", "-out", "server.csr", "-subj", "/CN=127.0.0.1", cwd=directory)
+    openssl("x509", "-req", "-in", "server.csr", "-CA", "ca.pem", "-CAkey", "ca.key",
+            "-CAcreateserial", "-days", "2", "-extfile", "server.ext", "-out", "server.pem",
+            cwd=directory)
+    return {"ca": str(ca), "other_ca": str(other), "cert": str(directory / "server.pem"),
+            "key": str(directory / "server.key")}
+
+
+def over_tls(peer, tls_files):
+    """The server's side of the TLS handshake on a FakeServer's connection."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(tls_files["cert"], tls_files["key"])
+    peer.sock = context.wrap_socket(peer.sock, server_side=True)
+    return peer
+
+
+def echo_over_tls(tls_files):
+    """A script: TLS, LOGIN -> LOGIN_SUCCESS, one activity echoed as a broadcast, then LOGOUT."""
+    def script(peer):
+        over_tls(peer, tls_files)
+        answer_login(peer)
+        sent = peer.expect("ACTIVITY_MESSAGE", username="anonymous")
+        peer.send({"command": "ACTIVITY_BROADCAST", "id": "tls-1",
+                   "activity": {**sent["activity"], "authenticated_user": "anonymous"}})
+        assert peer.recv() == {"command": "LOGOUT"}
+    return script
+
+
+def test_library_over_tls(fake_server, tls_files):
+    fake = fake_server(echo_over_tls(tls_files))
+    with Client(HOST, fake.port, tls_ca=tls_files["ca"], redirect_wait=0) as client:
+        client.login()
+        assert isinstance(client.sock, ssl.SSLSocket) and client.sock.version().startswith("TLS")
+        client.send_activity({"secret": "stuff"})
+        assert client.recv(TIMEOUT)["activity"] == {"secret": "stuff", "authenticated_user": "anonymous"}
+    fake.check()
+
+
+def test_cli_over_tls(fake_server, run_client, tls_files):
+    fake = fake_server(echo_over_tls(tls_files))
+    client = run_client(fake.port, "--tls", "--tls-ca", tls_files["ca"])
+    client.wait_line(rf"logged in as anonymous at 127\.0\.0\.1:{fake.port}$")
+    client.write("over TLS\n")
+    client.wait_line(r"^anonymous: over TLS$", "out")
+    client.close_input()
+    finished(client)
+    fake.check()
+
+
+@pytest.mark.parametrize("flags", [("--tls-ca", "other_ca"), ("--tls",)],
+                         ids=["another CA (--tls-ca implies --tls)", "the system's CAs"])
+def test_cli_refuses_a_server_its_ca_did_not_sign(fake_server, run_client, tls_files, flags):
+    def refused(peer):
+        with pytest.raises(ssl.SSLError):  # the client aborts the handshake
+            over_tls(peer, tls_files)
+
+    fake = fake_server(refused)
+    client = run_client(fake.port, *(tls_files.get(flag, flag) for flag in flags))
+    finished(client, 1)
+    assert client.lines("err") == [f"activitynet.client: error: the certificate of "
+                                   f"127.0.0.1:{fake.port} was not accepted: "
+                                   f"unable to get local issuer certificate"]
+    fake.check()

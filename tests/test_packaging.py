@@ -53,3 +53,18 @@ def test_the_installed_server_serves_from_another_directory(tmp_path):
         server.terminate()
         wait_until(lambda: server.poll() is not None, message="the server to exit")
     assert server.returncode == 0
+
+
+def test_the_installed_client_runs_both_ways(tmp_path):
+    """``python -m activitynet.client`` and the ``activitynet-client`` script, from the installed
+    package (the client is a package of its own: library and terminal program)."""
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    script = os.path.join(os.path.dirname(sys.executable), "activitynet-client")
+    for argv in ([sys.executable, "-m", "activitynet.client", "--help"], [script, "--help"]):
+        result = subprocess.run(argv, cwd=tmp_path, env=env, capture_output=True, text=True,
+                                timeout=60)
+        assert result.returncode == 0, result.stderr
+        assert result.stdout.startswith("activitynet client:") and "--servers" in result.stdout
+    where = installed_python(tmp_path, "import activitynet.client as c; print(c.Client.__module__, c.__file__)")
+    assert where.returncode == 0, where.stderr
+    assert where.stdout.startswith("activitynet.client.library ") and "site-packages" in where.stdout

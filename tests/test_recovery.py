@@ -6,8 +6,8 @@ the new link. Processes are killed with SIGKILL and frozen with SIGSTOP. Every c
 condition; after the wait, what each client received is checked exactly: every activity once,
 in each sender's order, nothing else.
 
-The last part unit-tests the pure pieces of recovery and the merge rules on a ``State`` with fake
-connections.
+The last part unit-tests the pure pieces of recovery and the merge rules on a ``State`` whose
+sessions have fake outboxes (no sockets).
 """
 
 import json
@@ -18,7 +18,8 @@ import time
 import pytest
 
 from activitynet import protocol, recovery
-from activitynet.state import History, Link, State
+from activitynet.history import History
+from activitynet.state import State
 from harness import LineClient, wait_until
 from netcut import Relay
 from recorder import log_in_here, sequences, try_login, try_register
@@ -501,70 +502,96 @@ def test_missing_entries_after_eviction_sends_the_whole_cache():
         [own(ORIGIN_A, 9), own(ORIGIN_A, 10)]
 
 
-class FakeConn:
-    """What ``State`` needs of a connection: session fields and an outbox we can read."""
+class FakeOutbox:
+    """What ``State`` needs of a connection (a session's outbox), with what it was sent kept
+    as messages so a test can read them."""
 
-    def __init__(self, name, role="new"):
-        self.name = name
-        self.role = role
-        self.username = None
-        self.secret = None
-        self.logged_in = False
-        self.logged_in_at = 0.0
-        self.link = None
+    def __init__(self):
         self.lines = []
+        self.heartbeats = 0
         self.closed_with = None
-
-    def __repr__(self):
-        return f"<FakeConn {self.name}>"
+        self.last_heard = time.monotonic()
 
     def send(self, data):
-        if self.closed_with is None:
+        if data == protocol.HEARTBEAT:
+            self.heartbeats += 1
+        elif self.closed_with is None:
             self.lines.append(json.loads(data))
 
     def send_last(self, data, reason):
         self.send(data)
         self.closed_with = reason
 
+    def queued_bytes(self):
+        return 0
+
     def take(self, command=None):
         lines, self.lines = self.lines, []
         return [m for m in lines if command is None or m["command"] == command]
 
 
+def new_session(state, name):
+    return state.open_session(FakeOutbox(), name)
+
+
+def take(session, command=None):
+    """What ``session`` was sent since the last take (only ``command`` messages, if given)."""
+    return session.outbox.take(command)
+
+
+def new_state():
+    return State("127.0.0.1", 4000, history_size=100, origin=ORIGIN_A)
+
+
+def accept_peer(state, name, port):
+    """A server link the fake peer ``name`` dialled: authenticated and announced (busy: no
+    redirects), so forwarded to at once."""
+    session = new_session(state, name)
+    state.accept_link(session)
+    state.peer_announced(session, 100, "127.0.0.1", port)
+    return session
+
+
 def linked_state(*peers):
     """A State with live server links to fake peers (acceptor side, announced)."""
-    state = State("127.0.0.1", 4000, history_size=100, origin=ORIGIN_A)
-    conns = []
+    state = new_state()
+    sessions = []
     for index, name in enumerate(peers):
-        conn = FakeConn(name)
-        state.link_up(conn, initiator=False)
-        state.announced(conn, 100, "127.0.0.1", 5000 + index)  # busy: no redirects
-        state.go_live(conn)
-        conn.take()
-        conns.append(conn)
-    return state, conns
+        session = accept_peer(state, name, 5000 + index)
+        take(session)
+        sessions.append(session)
+    return state, sessions
 
 
 def logged_in_client(state, username, secret):
-    client = FakeConn(f"client-{username}")
-    if username != "anonymous" and username not in state.users:
+    client = new_session(state, f"client-{username}")
+    if username != "anonymous" and username not in users_of(state):
         state.register_user(client, username, secret)
     assert state.login(client, username, secret) is None
-    client.take()
+    take(client)
     return client
 
 
+def users_of(state):
+    return state.user_directory()[0]
+
+
+def blocked_of(state):
+    return state.user_directory()[1]
+
+
 def test_retrieve_request_asks_after_the_last_id_from_that_peer_with_marks():
-    state, (peer,) = linked_state("peer")
-    link = state.links[peer]
-    assert recovery.retrieve_request(state, link) == {"command": "ACTIVITY_RETRIEVE", "after": ""}
+    state = new_state()
+    peer = accept_peer(state, "peer", 5000)
+    assert take(peer, "ACTIVITY_RETRIEVE") == [{"command": "ACTIVITY_RETRIEVE", "after": ""}]
     state.server_activity(peer, {"n": 1}, own(ORIGIN_B, 1))
     state.server_activity(peer, {"n": 2}, own(ORIGIN_B, 2))
-    assert recovery.retrieve_request(state, link) == {
-        "command": "ACTIVITY_RETRIEVE", "after": own(ORIGIN_B, 2), "marks": {ORIGIN_B: 2}}
     # keyed by the peer's address, so it survives the link: a new link to it asks the same
-    again = Link(True, link.peer_key, 0)
-    assert recovery.retrieve_request(state, again)["after"] == own(ORIGIN_B, 2)
+    state.close_session(peer)
+    again = new_session(state, "again")
+    state.dial_link(again, "127.0.0.1:5000", "secret")
+    assert take(again, "ACTIVITY_RETRIEVE") == [{
+        "command": "ACTIVITY_RETRIEVE", "after": own(ORIGIN_B, 2), "marks": {ORIGIN_B: 2}}]
 
 
 def test_activities_deduplicated_by_origin_sequence_and_by_foreign_id():
@@ -576,14 +603,14 @@ def test_activities_deduplicated_by_origin_sequence_and_by_foreign_id():
     assert not state.server_activity(right, {"n": 1}, own(ORIGIN_B, 1))  # older than held
     assert state.server_activity(left, {"n": "f"}, "FOREIGN-1")
     assert not state.server_activity(right, {"n": "f"}, "FOREIGN-1")
-    assert [m["id"] for m in watcher.take()] == [own(ORIGIN_B, 1), own(ORIGIN_B, 2), "FOREIGN-1"]
+    assert [m["id"] for m in take(watcher)] == [own(ORIGIN_B, 1), own(ORIGIN_B, 2), "FOREIGN-1"]
     # forwarded once, never back where it came from
-    assert [m["id"] for m in right.take("ACTIVITY_BROADCAST")] == \
+    assert [m["id"] for m in take(right, "ACTIVITY_BROADCAST")] == \
         [own(ORIGIN_B, 1), own(ORIGIN_B, 2), "FOREIGN-1"]
-    assert left.take("ACTIVITY_BROADCAST") == []
+    assert take(left, "ACTIVITY_BROADCAST") == []
     # our own activities coming back are dropped too
     state.client_activity(watcher, "anonymous", None, {"mine": True})
-    mine = watcher.take()[0]["id"]
+    mine = take(watcher)[0]["id"]
     assert not state.server_activity(left, {"mine": True}, mine)
 
 
@@ -591,13 +618,13 @@ def test_answer_retrieve_sends_what_is_missing_then_goes_live_in_order():
     state, (old,) = linked_state("old")
     for seq in range(1, 4):
         state.server_activity(old, {"seq": seq}, own(ORIGIN_B, seq))
-    fresh = FakeConn("fresh")
-    state.link_up(fresh, initiator=False)
+    fresh = new_session(state, "fresh")
+    state.accept_link(fresh)
     state.server_activity(old, {"seq": 4}, own(ORIGIN_B, 4))  # arrives before the peer asks
-    assert fresh.take("ACTIVITY_BROADCAST") == []  # not live yet: nothing may overtake the answer
-    recovery.answer_retrieve(state, fresh, "", {ORIGIN_B: 1})
+    assert take(fresh, "ACTIVITY_BROADCAST") == []  # not live yet: nothing may overtake the answer
+    state.peer_asked(fresh, "", {ORIGIN_B: 1})
     state.server_activity(old, {"seq": 5}, own(ORIGIN_B, 5))
-    assert [m["id"] for m in fresh.take("ACTIVITY_BROADCAST")] == [own(ORIGIN_B, n) for n in (2, 3, 4, 5)]
+    assert [m["id"] for m in take(fresh, "ACTIVITY_BROADCAST")] == [own(ORIGIN_B, n) for n in (2, 3, 4, 5)]
 
 
 def test_a_quiet_dialled_peer_gets_the_whole_history_in_order_before_live():
@@ -608,77 +635,137 @@ def test_a_quiet_dialled_peer_gets_the_whole_history_in_order_before_live():
     state, (old,) = linked_state("old")
     for seq in range(1, 4):
         state.server_activity(old, {"seq": seq}, own(ORIGIN_B, seq))
-    dialled = FakeConn("dialled")
-    recovery.open_as_initiator(state, dialled, "secret", "127.0.0.1:6000")
-    dialled.take()
+    dialled = new_session(state, "dialled")
+    state.dial_link(dialled, "127.0.0.1:6000", "secret")
+    take(dialled)
     state.server_activity(old, {"seq": 4}, own(ORIGIN_B, 4))
-    assert dialled.take("ACTIVITY_BROADCAST") == []  # not live before it asks or the timer fires
-    recovery.peer_quiet(state, dialled)  # the heartbeat's timer
+    assert take(dialled, "ACTIVITY_BROADCAST") == []  # not live before it asks or the timer fires
+    state.tick(time.monotonic() + recovery.LIVE_AFTER, silence=3600)  # the heartbeat's timer
     state.server_activity(old, {"seq": 5}, own(ORIGIN_B, 5))
-    assert [m["id"] for m in dialled.take("ACTIVITY_BROADCAST")] == [own(ORIGIN_B, n) for n in range(1, 6)]
-    recovery.answer_retrieve(state, dialled, "", {})  # its request, late: only repeats
+    assert [m["id"] for m in take(dialled, "ACTIVITY_BROADCAST")] == [own(ORIGIN_B, n) for n in range(1, 6)]
+    state.peer_asked(dialled, "", {})  # its request, late: only repeats, which it drops
+    assert [m["id"] for m in take(dialled, "ACTIVITY_BROADCAST")] == [own(ORIGIN_B, n) for n in range(1, 6)]
+    state.server_activity(old, {"seq": 6}, own(ORIGIN_B, 6))  # and live after them
+    assert [m["id"] for m in take(dialled, "ACTIVITY_BROADCAST")] == [own(ORIGIN_B, 6)]
 
 
 def test_sync_user_adds_unknown_users_and_forwards_only_them():
     state, (left, right) = linked_state("left", "right")
-    state.users["known"] = "k"
+    state.new_user(left, "known", "k")
+    take(right)
     state.merge_users(left, {"known": "k", "new1": "s1", "new2": "s2"})
-    assert state.users == {"known": "k", "new1": "s1", "new2": "s2"}
-    assert right.take() == [{"command": "SYNC_USER", "users": {"new1": "s1", "new2": "s2"}}]
-    assert left.take() == []  # not back to the sender
+    assert users_of(state) == {"known": "k", "new1": "s1", "new2": "s2"}
+    assert take(right) == [{"command": "SYNC_USER", "users": {"new1": "s1", "new2": "s2"}}]
+    assert take(left) == []  # not back to the sender
     state.merge_users(left, {"known": "k"})  # nothing new: the flood ends
-    assert right.take() == [] and left.take() == []
+    assert take(right) == [] and take(left) == []
 
 
 def test_sync_user_conflict_deletes_the_user_disconnects_its_clients_and_tells_everyone():
     state, (left, right) = linked_state("left", "right")
-    state.users["x"] = "mine"
     x_client = logged_in_client(state, "x", "mine")
+    take(left), take(right)
     other = logged_in_client(state, "anonymous", None)
     state.merge_users(left, {"x": "theirs", "y": "sy"})
-    assert "x" not in state.users and "x" in state.tombstones
-    assert state.users["y"] == "sy"
-    assert x_client.closed_with is not None
-    assert x_client.take()[-1]["command"] == "AUTHENTICATION_FAIL"
-    assert other.closed_with is None
-    for conn in (left, right):  # the whole network learns it, the sender included
-        assert {"command": "USER_CONFLICT", "username": "x"} in conn.take()
+    assert "x" not in users_of(state) and "x" in blocked_of(state)
+    assert users_of(state)["y"] == "sy"
+    assert x_client.outbox.closed_with is not None
+    assert take(x_client)[-1]["command"] == "AUTHENTICATION_FAIL"
+    assert other.outbox.closed_with is None
+    for session in (left, right):  # the whole network learns it, the sender included
+        assert {"command": "USER_CONFLICT", "username": "x"} in take(session)
 
 
 def test_new_user_rules():
     state, (left, right) = linked_state("left", "right")
     state.new_user(left, "u", "s")
-    assert state.users["u"] == "s"
-    assert right.take() == [{"command": "NEW_USER", "username": "u", "secret": "s"}]
+    assert users_of(state)["u"] == "s"
+    assert take(right) == [{"command": "NEW_USER", "username": "u", "secret": "s"}]
     state.new_user(left, "u", "s")  # known with the same secret: nothing
-    assert right.take() == [] and left.take() == []
+    assert take(right) == [] and take(left) == []
     state.new_user(right, "u", "other")  # a conflict
-    assert "u" not in state.users and "u" in state.tombstones
-    assert left.take() == right.take() == [{"command": "USER_CONFLICT", "username": "u"}]
+    assert "u" not in users_of(state) and "u" in blocked_of(state)
+    assert take(left) == take(right) == [{"command": "USER_CONFLICT", "username": "u"}]
     state.new_user(left, "u", "s")  # a stale NEW_USER for a deleted name: tell the sender only
-    assert left.take() == [{"command": "USER_CONFLICT", "username": "u"}]
-    assert right.take() == [] and "u" not in state.users
+    assert take(left) == [{"command": "USER_CONFLICT", "username": "u"}]
+    assert take(right) == [] and "u" not in users_of(state)
     state.new_user(left, "anonymous", "s")
-    assert "anonymous" not in state.users
+    assert "anonymous" not in users_of(state)
 
 
 def test_user_conflict_deletes_once_and_forwards_once():
     state, (left, right) = linked_state("left", "right")
-    state.users["x"] = "s"
+    state.new_user(left, "x", "s")
+    take(right)
     state.user_conflict(left, "x")
-    assert "x" not in state.users
-    assert right.take() == [{"command": "USER_CONFLICT", "username": "x"}] and left.take() == []
+    assert "x" not in users_of(state)
+    assert take(right) == [{"command": "USER_CONFLICT", "username": "x"}] and take(left) == []
     state.user_conflict(right, "x")  # heard again: the flood ends here
-    assert right.take() == [] and left.take() == []
+    assert take(right) == [] and take(left) == []
     state.user_conflict(left, "never-known")  # unknown names are blocked as well
-    assert "never-known" in state.tombstones
+    assert "never-known" in blocked_of(state)
 
 
 def test_tombstoned_names_cannot_be_registered_again():
     state, (peer,) = linked_state("peer")
     state.user_conflict(peer, "x")
     with pytest.raises(protocol.RegisterFailed):
-        state.register_user(FakeConn("client"), "x", "fresh")
+        state.register_user(new_session(state, "client"), "x", "fresh")
     state.merge_users(peer, {"x": "again"})
-    assert "x" not in state.users
-    assert peer.take() == [{"command": "USER_CONFLICT", "username": "x"}]
+    assert "x" not in users_of(state)
+    assert take(peer) == [{"command": "USER_CONFLICT", "username": "x"}]
+
+
+# --- the per-link machine alone (recovery.Link): plain data, no State, no sockets ----------------
+
+Step = recovery.Step
+
+
+def test_the_initiator_opens_with_its_whole_half_and_waits_for_the_peer():
+    link = recovery.Link.dialled("127.0.0.1:5000", start_no=7, now=100.0)
+    assert link.open() == (Step.AUTHENTICATE, Step.ASK, Step.USERS, Step.ANNOUNCE)
+    assert (link.asked, link.live, link.phase) == (True, False, "asked")
+    assert link.tick(100.0 + recovery.LIVE_AFTER / 2) == ()  # too early to give up on the peer
+    assert link.peer_asked() == (Step.ANSWER,)
+    assert (link.live, link.phase) == (True, "live")
+    assert link.peer_announced(3, "peer.example", 4000) == []  # already live: nothing to do
+    assert (link.load, link.peer_key) == (3, "127.0.0.1:5000")  # the dialled address stays the key
+
+
+def test_the_acceptor_takes_its_turn_on_the_peers_first_announce():
+    link = recovery.Link.accepted(start_no=7, now=100.0)
+    assert link.open() == (Step.USERS,)
+    assert link.phase == "authenticated"
+    assert link.peer_asked() == (Step.ANSWER,)  # the initiator's ACTIVITY_RETRIEVE comes first
+    assert link.phase == "answered"
+    assert link.peer_announced(0, "peer.example", 4000) == [Step.ASK, Step.ANNOUNCE]
+    assert (link.peer_key, link.phase) == ("peer.example:4000", "live")
+    assert link.peer_announced(1, "peer.example", 4000) == []  # a load change: only the load
+    assert link.load == 1
+
+
+def test_a_quiet_peer_is_caught_up_by_the_clock():
+    dialled = recovery.Link.dialled("127.0.0.1:5000", start_no=7, now=100.0)
+    dialled.open()
+    assert dialled.tick(100.0 + recovery.LIVE_AFTER) == (Step.REPLAY,)  # the whole history
+    assert dialled.live and dialled.tick(200.0) == ()
+    accepted = recovery.Link.accepted(start_no=7, now=100.0)
+    accepted.open()
+    assert accepted.tick(100.0 + recovery.LIVE_AFTER) == (Step.ASK, Step.ANNOUNCE, Step.CATCH_UP)
+    assert accepted.peer_announced(0, "late.example", 1) == []  # its turn was taken once
+
+
+def test_a_refused_link_is_marked_not_by_a_string():
+    link = recovery.Link.dialled("127.0.0.1:5000", start_no=0, now=0.0)
+    link.open()
+    link.peer_refused()
+    assert link.refused and link.phase == "refused"
+    assert link.tick(10.0) == ()
+
+
+def test_peer_memory_asks_after_the_last_id_heard_from_an_address():
+    memory = recovery.PeerMemory()
+    assert memory.last_from(None) == "" and memory.last_from("a:1") == ""
+    memory.heard("a:1", "x")
+    memory.heard("a:1", "y")
+    assert memory.last_from("a:1") == "y"

@@ -130,7 +130,7 @@ def test_wrong_secret_is_an_authentication_failure(server, fakes):
     fake.send({"command": "AUTHENTICATE", "secret": "guess"})
     fake.expect("AUTHENTICATION_FAIL", info="the supplied secret is incorrect: guess")
     fake.expect_closed()
-    assert not server.state.links
+    assert not server.links()
 
 
 def test_authenticate_twice_is_invalid(server, fakes):
@@ -142,7 +142,7 @@ def test_authenticate_twice_is_invalid(server, fakes):
     assert "already authenticated" in message["info"]
     assert {m["command"] for m in skipped} <= {"SERVER_ANNOUNCE"}
     fake.expect_closed()
-    wait_until(lambda: not server.state.links, message="the link to be forgotten")
+    wait_until(lambda: not server.links(), message="the link to be forgotten")
 
 
 def test_authenticate_is_answered_with_every_user(server, fakes):
@@ -250,8 +250,8 @@ def test_announce_is_answered_with_retrieve_and_announce(server, fakes):
     assert retrieve["command"] == "ACTIVITY_RETRIEVE"
     assert retrieve["after"] in ("", None), "nothing was ever received from this peer"
     fake.until("SERVER_ANNOUNCE", load=1, hostname="127.0.0.1", port=server.port)
-    wait_until(lambda: [(l.load, l.hostname, l.port) for l in server.state.links.values()]
-               == [(3, "peer.example", 4100)], message="the peer's announced load to be kept")
+    wait_until(lambda: [(link["load"], link["peer"]) for link in server.links()]
+               == [(3, "peer.example:4100")], message="the peer's announced load to be kept")
 
 
 def test_announcements_are_not_forwarded(server, fakes):
@@ -323,7 +323,7 @@ def test_a_silent_link_is_closed(server):
     # the recovery routine for a quiet peer), and send nothing else
     while (message := fake.recv(timeout=15)) is not None:
         assert message["command"] in ("ACTIVITY_RETRIEVE", "SERVER_ANNOUNCE"), message
-    wait_until(lambda: not server.state.links, message="the dead link to be forgotten")
+    wait_until(lambda: not server.links(), message="the dead link to be forgotten")
     fake.close()
 
 
@@ -338,7 +338,7 @@ def test_broadcast_from_a_peer_is_delivered_once(server, fakes):
     fake.send(broadcast("dup-2", text="second"))
     assert client.expect("ACTIVITY_BROADCAST") == broadcast("dup-1", text="first")
     assert client.expect("ACTIVITY_BROADCAST") == broadcast("dup-2", text="second")
-    assert "dup-1" in server.state.history and len(server.state.history) == 2
+    assert server.state.has_activity("dup-1") and server.snapshot()["history"]["entries"] == 2
 
 
 def test_broadcast_is_forwarded_to_other_neighbours_not_back(server, fakes):
@@ -375,7 +375,7 @@ def test_new_user_is_stored_and_forwarded(server, fakes):
     b = live_fake(fakes, server)
     a.send({"command": "NEW_USER", "username": "carol", "secret": "pw"})
     assert b.next_not_announce() == {"command": "NEW_USER", "username": "carol", "secret": "pw"}
-    assert server.state.users["carol"] == "pw"
+    assert server.users()["carol"] == "pw"
     login(server.port, "carol", "pw")  # a user registered elsewhere logs in here
 
 
@@ -391,7 +391,7 @@ def test_known_new_user_with_the_same_secret_changes_nothing(server, fakes):
     assert b.next_not_announce()["username"] == "dave", "carol was not forwarded again"
     register(server.port, "erin", "pw").close()
     assert a.next_not_announce()["username"] == "erin", "nothing was sent back to a"
-    assert server.state.users["carol"] == "pw"
+    assert server.users()["carol"] == "pw"
 
 
 def test_new_user_with_a_different_secret_is_a_conflict(server, fakes):
@@ -405,7 +405,7 @@ def test_new_user_with_a_different_secret_is_a_conflict(server, fakes):
     a.send({"command": "NEW_USER", "username": "frank", "secret": "theirs"})
     assert a.next_not_announce() == {"command": "USER_CONFLICT", "username": "frank"}
     assert b.next_not_announce() == {"command": "USER_CONFLICT", "username": "frank"}
-    assert "frank" not in server.state.users
+    assert "frank" not in server.users()
     while (message := client.recv()) is not None:  # disconnected, maybe told why first
         assert message["command"] == "AUTHENTICATION_FAIL"
     refused = LineClient(server.port)
@@ -426,7 +426,7 @@ def test_user_conflict_deletes_disconnects_and_forwards_once(server, fakes):
     assert b.next_not_announce() == {"command": "USER_CONFLICT", "username": "gina"}
     while (message := client.recv()) is not None:
         assert message["command"] == "AUTHENTICATION_FAIL"
-    assert "gina" not in server.state.users
+    assert "gina" not in server.users()
     # the flood ends: the same conflict again is not forwarded (b's lines are handled in order,
     # so a's next message shows whether the repeated conflict went anywhere)
     b.send({"command": "USER_CONFLICT", "username": "gina"})
@@ -443,7 +443,7 @@ def test_sync_user_merges_and_forwards_what_was_new(server, fakes):
     a.send({"command": "SYNC_USER", "users": {"hana": "pw", "ivan": "iv", "jo": "jj"}})
     forwarded = b.next_not_announce()
     assert forwarded["command"] == "SYNC_USER" and forwarded["users"] == {"ivan": "iv", "jo": "jj"}
-    assert {u: server.state.users[u] for u in ("hana", "ivan", "jo")} == {"hana": "pw", "ivan": "iv", "jo": "jj"}
+    assert {u: server.users()[u] for u in ("hana", "ivan", "jo")} == {"hana": "pw", "ivan": "iv", "jo": "jj"}
     login(server.port, "jo", "jj")
 
 
@@ -456,7 +456,7 @@ def test_sync_user_with_a_different_secret_is_a_conflict(server, fakes):
     assert a.next_not_announce() == {"command": "USER_CONFLICT", "username": "kim"}
     while (message := client.recv()) is not None:
         assert message["command"] == "AUTHENTICATION_FAIL"
-    assert "kim" not in server.state.users
+    assert "kim" not in server.users()
 
 
 # --- ACTIVITY_RETRIEVE --------------------------------------------------------------------------
@@ -474,7 +474,7 @@ def test_activity_retrieve_replies_from_the_history(server, fakes):
         fake.send({"command": "ACTIVITY_RETRIEVE", "after": after})
         # the link is handled in order: once this NEW_USER is stored, the reply is queued
         fake.send({"command": "NEW_USER", "username": f"sync-{after}", "secret": "x"})
-        wait_until(lambda: f"sync-{after}" in server.state.users, message="the request handled")
+        wait_until(lambda: f"sync-{after}" in server.users(), message="the request handled")
 
     def received_until_live(marker):
         """ids received, up to the live activity ``marker`` sent after the request."""
@@ -518,7 +518,7 @@ def test_bundle_is_handled_in_order(server, fakes):
         {"command": "BUNDLE", "messages": [broadcast("b-3", n=3)]},
     ]})
     assert [client.expect("ACTIVITY_BROADCAST")["id"] for _ in range(3)] == ["b-1", "b-2", "b-3"]
-    assert server.state.users["lena"] == "pw"
+    assert server.users()["lena"] == "pw"
 
 
 def test_bundle_with_a_bad_message_handles_what_came_before_then_fails(server, fakes):
@@ -534,7 +534,7 @@ def test_bundle_with_a_bad_message_handles_what_came_before_then_fails(server, f
     message, _ = fake.until("INVALID_MESSAGE")
     assert "NEW_USER" in message["info"] and "'secret'" in message["info"]
     fake.expect_closed()
-    assert "never" not in server.state.history
+    assert not server.state.has_activity("never")
 
 
 def test_java_reconnect_bundle_on_a_fresh_connection(server, fakes):
@@ -558,7 +558,7 @@ def test_java_reconnect_bundle_on_a_fresh_connection(server, fakes):
     fake.until("ACTIVITY_RETRIEVE")
     fake.until("SERVER_ANNOUNCE", hostname="127.0.0.1")
     assert client.expect("ACTIVITY_BROADCAST")["id"] == "java-1"
-    assert server.state.users["java-user"] == "jpw"
+    assert server.users()["java-user"] == "jpw"
 
 
 def test_bundle_cannot_smuggle_commands_past_authentication(server, fakes):
@@ -572,7 +572,7 @@ def test_bundle_cannot_smuggle_commands_past_authentication(server, fakes):
                                                   {"command": "NEW_USER", "username": "x", "secret": "y"}]})
     fake2.expect("AUTHENTICATION_FAIL")
     fake2.expect_closed()
-    assert "x" not in server.state.users
+    assert "x" not in server.users()
 
 
 def test_bundle_from_a_client_is_invalid(server):
@@ -609,7 +609,7 @@ def test_initiator_opens_with_authenticate_retrieve_sync_announce(make_server, l
         peer.heartbeat()
         peer.send({"command": "SYNC_USER", "users": {"olga": "pw"}})
         peer.announce(load=0, hostname="acceptor.example", port=4200)
-        wait_until(lambda: server.state.users.get("olga") == "pw", message="the users to arrive")
+        wait_until(lambda: server.users().get("olga") == "pw", message="the users to arrive")
         client = login(server.port, "olga", "pw")
         activity(client, {"n": 1}, "olga", "pw")
         assert peer.until("ACTIVITY_BROADCAST")[0] == client.expect("ACTIVITY_BROADCAST")

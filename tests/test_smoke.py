@@ -17,8 +17,12 @@ def test_activity_crosses_two_servers(make_server):
 
 
 def test_server_process_runs_with_project1_flags(make_process):
+    """-rh/-rp join the second server to the first: an activity sent on the second reaches a
+    client of the first (it would not if the flags were ignored)."""
     first = make_process()
     second = make_process(remote_port=first.port)
+    receiver = login(first.port)
     client = login(second.port)
     activity(client, {"n": 1})
     assert client.expect("ACTIVITY_BROADCAST")["activity"]["n"] == 1
+    assert receiver.expect("ACTIVITY_BROADCAST")["activity"]["n"] == 1

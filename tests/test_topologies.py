@@ -28,8 +28,8 @@ def star(make_server, leaves):
 
 
 def neighbour_loads(server):
-    with server.state.lock:
-        return sorted((link.port, link.load) for link in server.state.links.values())
+    return sorted((int(link["peer"].rsplit(":", 1)[1]) if link["peer"] else None, link["load"])
+                  for link in server.links())
 
 
 def test_five_server_chain_delivers_1000_activities_in_order_exactly_once(make_server):
@@ -54,7 +54,7 @@ def test_five_server_chain_delivers_1000_activities_in_order_exactly_once(make_s
     for client in (receiver, sender, middle):
         assert client.expect("ACTIVITY_BROADCAST")["activity"]["n"] == "end"
     for server in servers:
-        assert len(server.state.history) == count + 1
+        assert server.snapshot()["history"]["entries"] == count + 1
 
 
 def test_activities_flow_both_ways_along_a_chain(make_server):
@@ -99,7 +99,7 @@ def test_a_user_registered_anywhere_logs_in_anywhere(make_server):
     hub, leaves = star(make_server, 3)
     register(leaves[0].port, "roamer", "pw").close()
     everywhere = [hub, *leaves]
-    wait_until(lambda: all(s.state.users.get("roamer") == "pw" for s in everywhere),
+    wait_until(lambda: all(s.users().get("roamer") == "pw" for s in everywhere),
                message="roamer to reach every server")
     for server in everywhere:
         login(server.port, "roamer", "pw").close()
@@ -119,7 +119,7 @@ def test_a_server_joining_later_learns_every_user(make_server):
     for n in range(5):
         register(first.port, f"early{n}", f"pw{n}").close()
     late = make_server(remote=make_server(remote=first))
-    wait_until(lambda: all(late.state.users.get(f"early{n}") == f"pw{n}" for n in range(5)),
+    wait_until(lambda: all(late.users().get(f"early{n}") == f"pw{n}" for n in range(5)),
                message="the late server to learn the users")
     client = login(late.port, "early3", "pw3")
     activity(client, {"hi": "from the late server"}, "early3", "pw3")
@@ -183,7 +183,7 @@ def test_registered_users_are_redirected_too(make_server):
     keep = [login(a.port) for _ in range(2)]
     b = make_server(remote=a)
     wait_until(lambda: neighbour_loads(a) == [(b.port, 0)], message="a to hear b's load")
-    wait_until(lambda: b.state.users.get("uma") == "pw", message="b to learn uma")
+    wait_until(lambda: b.users().get("uma") == "pw", message="b to learn uma")
     client = LineClient(a.port)
     client.send({"command": "LOGIN", "username": "uma", "secret": "pw"})
     client.expect("LOGIN_SUCCESS", info="logged in as user uma")
