@@ -26,12 +26,30 @@ lock, so nothing can come between them. Two things progress independently:
 
 - ``asked``: our half of the routine is out (the initiator's whole opening; the acceptor's
   ACTIVITY_RETRIEVE and SERVER_ANNOUNCE);
-- ``live``: the peer has been sent its backlog (our answer to its ACTIVITY_RETRIEVE, or a catch-up
-  for a peer that does not ask), so activities are forwarded to it as they arrive. Nothing is
-  forwarded before, so no activity overtakes an older one the backlog holds.
+- ``live``: the peer has been sent its backlog, so activities are forwarded to it as they arrive.
 
-A peer that never asks (another implementation, or a test speaking raw JSON) is caught up once
-it announces itself, or after ``LIVE_AFTER`` seconds (``tick``).
+The order holds whatever arrives when (a delayed TCP segment, a login during the opening):
+
+1. Each half goes out in one step: the initiator's AUTHENTICATE, ACTIVITY_RETRIEVE, SYNC_USER,
+   SERVER_ANNOUNCE; the acceptor's ACTIVITY_RETRIEVE, SERVER_ANNOUNCE.
+2. No load SERVER_ANNOUNCE goes out on a link before our half is (``may_announce_load``): our
+   half's own SERVER_ANNOUNCE carries the load of that moment, so nothing is lost by waiting.
+3. So the first SERVER_ANNOUNCE a server receives on a link is the peer's routine announce: the
+   initiator's comes last in its opening, the acceptor's right after its ACTIVITY_RETRIEVE. Only
+   that first one can move the routine on (the acceptor takes its turn; a peer that has not asked
+   is caught up); later ones are load changes and only update the load. Between two of our
+   servers the initiator has already been asked, and is live, when the acceptor's announce comes;
+   going live on it is for the Java acceptor, which announces and never asks.
+4. Nothing is forwarded on a link before the peer's backlog: our answer to its ACTIVITY_RETRIEVE,
+   or, for a peer that announced without asking, what arrived since the link came up. A peer
+   that neither asked nor announced within ``LIVE_AFTER`` seconds may only be slow (its opening
+   held up in the network), so it gets the whole history in order (``tick``), on either side: its
+   late request then brings only repeats it drops, never something older after something newer,
+   which its de-duplication by per-origin sequence number would drop for good.
+
+Without rule 2, an acceptor's load announce sent during the opening made the initiator go live
+on it and forward new activities before the acceptor's ACTIVITY_RETRIEVE asked for the backlog;
+the acceptor then dropped the whole backlog as already seen (issue 14).
 """
 
 import enum
@@ -104,15 +122,16 @@ class Link:
         return (Step.USERS,)
 
     def peer_announced(self, load, hostname, port):
-        """A SERVER_ANNOUNCE: the acceptor now knows who dialled and takes its turn; a peer not
-        yet caught up is caught up."""
+        """A SERVER_ANNOUNCE. The first on a link is the peer's routine announce (rule 3): the
+        acceptor now knows who dialled and takes its turn, and a peer that has not asked is
+        caught up. Later ones only update the load."""
         first = not self.announced
         self.load, self.hostname, self.port = load, hostname, port
         if self.peer_key is None:
             self.peer_key = f"{hostname}:{port}"
-        steps = []
-        if first and not self.initiator:
-            steps += self._acceptor_turn()
+        if not first:
+            return []
+        steps = self._acceptor_turn()
         if not self.live:
             self.live = True
             steps.append(Step.CATCH_UP)
@@ -125,20 +144,18 @@ class Link:
 
     def tick(self, now):
         """The heartbeat's clock. ``LIVE_AFTER`` seconds passed and the peer neither asked for
-        history nor announced itself: finish our half anyway.
+        history nor announced itself: finish our half anyway, and send it the whole history, in
+        order, then live (rule 4).
 
-        On a link we dialled, the peer may just be slow (busy, or a slow network) and ask later.
+        The peer may just be slow (busy, or its opening held up in the network) and ask later.
         Sending it only what arrived since the link came up would put those activities *before*
         the older ones its ACTIVITY_RETRIEVE asks for, and it would drop the older ones as already
-        seen (de-duplication by per-origin sequence number). So it gets the whole history, in
-        order: a superset it de-duplicates, with nothing out of order. A peer that never asks (a
-        test's fake server, say) still gets every activity."""
+        seen. The whole history is a superset it de-duplicates, with nothing out of order. A peer
+        that never asks (a test's fake server, say) still gets every activity."""
         if self.live or self.refused or now - self.opened_at < LIVE_AFTER:
             return ()
         self.live = True
-        if self.initiator:
-            return (Step.REPLAY,)
-        return (*self._acceptor_turn(), Step.CATCH_UP)
+        return (*self._acceptor_turn(), Step.REPLAY)
 
     def peer_refused(self):
         """The peer answered AUTHENTICATION_FAIL: our secret is wrong for it."""
@@ -146,8 +163,8 @@ class Link:
 
     @property
     def may_announce_load(self):
-        """Whether a load change may be announced on this link now."""
-        return True
+        """Whether a load change may be announced on this link now (rule 2)."""
+        return self.asked
 
     def _acceptor_turn(self):
         """The acceptor's ACTIVITY_RETRIEVE and SERVER_ANNOUNCE, once per link."""
@@ -188,14 +205,14 @@ def missing_entries(history, after, marks):
     after_no = history.number_of(after) if after else None
     start = 0 if after_no is None else after_no + 1  # foreign ids from here on are sent
     missing = []
-    parse_id = protocol.parse_id
+    split_id = protocol.split_id
     for entry in history.after_id(None):
-        parsed = parse_id(entry[1])
-        if parsed is None:
-            if entry[0] >= start:
+        activity_id = entry[1]
+        origin, seq = split_id(activity_id)
+        mark = marks.get(origin)
+        if mark is not None:  # one of ours, from an origin the peer holds some of
+            if not (seq.isdigit() and int(seq) <= mark):
                 missing.append(entry)
-            continue
-        mark = marks.get(parsed[0])
-        if mark is None or parsed[1] > mark:  # an origin the peer holds none of, or above its mark
+        elif entry[0] >= start or protocol.parse_id(activity_id) is not None:
             missing.append(entry)
     return missing

@@ -751,8 +751,38 @@ def test_a_quiet_peer_is_caught_up_by_the_clock():
     assert dialled.live and dialled.tick(200.0) == ()
     accepted = recovery.Link.accepted(start_no=7, now=100.0)
     accepted.open()
-    assert accepted.tick(100.0 + recovery.LIVE_AFTER) == (Step.ASK, Step.ANNOUNCE, Step.CATCH_UP)
+    # an acceptor's peer may be just as slow (its opening held up): the whole history too
+    assert accepted.tick(100.0 + recovery.LIVE_AFTER) == (Step.ASK, Step.ANNOUNCE, Step.REPLAY)
     assert accepted.peer_announced(0, "late.example", 1) == []  # its turn was taken once
+
+
+def test_no_load_announce_before_our_half_of_the_routine_is_out():
+    """Issue 14: an acceptor's load announce sent before its ACTIVITY_RETRIEVE would be taken by
+    the initiator for the routine's announce."""
+    dialled = recovery.Link.dialled("127.0.0.1:5000", start_no=0, now=0.0)
+    assert not dialled.may_announce_load
+    dialled.open()
+    assert dialled.may_announce_load  # its opening, announce included, went out in one step
+    accepted = recovery.Link.accepted(start_no=0, now=0.0)
+    accepted.open()
+    assert not accepted.may_announce_load
+    accepted.peer_asked()
+    assert not accepted.may_announce_load, "answering is not our half: the ASK is"
+    accepted.peer_announced(0, "peer.example", 4000)
+    assert accepted.may_announce_load
+
+
+def test_only_the_first_announce_can_make_a_link_live():
+    """Later announces are load changes: they never catch a peer up (only its own request, or
+    the clock, does)."""
+    dialled = recovery.Link.dialled("127.0.0.1:5000", start_no=3, now=0.0)
+    dialled.open()
+    assert dialled.peer_announced(0, "java.example", 4000) == [Step.CATCH_UP]  # a Java acceptor
+    assert dialled.live
+    again = recovery.Link.dialled("127.0.0.1:5000", start_no=3, now=0.0)
+    again.open()
+    again.hostname, again.port = "seen.example", 4000  # as if it had announced before
+    assert again.peer_announced(1, "seen.example", 4000) == [] and not again.live
 
 
 def test_a_refused_link_is_marked_not_by_a_string():
