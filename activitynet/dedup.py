@@ -151,6 +151,11 @@ class Reorder:
             return self._give_up(min(self._held, key=self._oldest_deadline))
         return []
 
+    def skip_to(self, origin, seq):
+        """Expect ``seq`` next from ``origin`` (its sender says nothing below is coming)."""
+        if seq > self._next.get(origin, 1):
+            self._next[origin] = seq
+
     def expire(self, now):
         """Give up every gap whose oldest held activity has waited ``hold_for``; release them."""
         released = []
@@ -214,6 +219,15 @@ class Intake:
         if not seen.add(seq):
             return []
         return self.order.arrive(origin, seq, item, now)
+
+    def sent(self, origin, seq):
+        """Our own activity ``seq`` of ``origin``: seen, never held (we number in order, but a
+        durable counter may resume above 1), and the next one expected is ``seq + 1``."""
+        seen = self._seen.get(origin)
+        if seen is None:
+            seen = self._seen[origin] = SeqSet(self.max_runs)
+        seen.add(seq)
+        self.order.skip_to(origin, seq + 1)
 
     def is_new(self, activity_id, parsed):
         """Whether ``receive`` would take this id as new (no side effect)."""

@@ -17,6 +17,7 @@ import logging
 from typing import Callable
 
 from . import protocol, schemas
+from .netmap import Lineage
 from .protocol import AuthenticationFail, InvalidMessage
 from .session import CLIENT, NEW, SERVER
 from .state import State
@@ -79,7 +80,9 @@ def handle_authenticate(ctx, session, message):
 
 def handle_server_announce(ctx, session, message):
     hostname, port = message["hostname"], int(message["port"])
-    if ctx.state.peer_announced(session, int(message["load"]), hostname, port):
+    lineage = message.get("lineage")
+    lineage = Lineage.from_wire(lineage) if lineage is not None else None
+    if ctx.state.peer_announced(session, int(message["load"]), hostname, port, lineage, message.get("map")):
         log.info("server link %s is %s:%s", session.address, hostname, port)
 
 
@@ -100,7 +103,10 @@ def handle_user_conflict(ctx, session, message):
 
 
 def handle_activity_retrieve(ctx, session, message):
-    ctx.state.peer_asked(session, message["after"], message.get("marks"))
+    lineage = message.get("lineage")
+    lineage = Lineage.from_wire(lineage) if lineage is not None else None
+    ctx.state.peer_asked(session, message["after"], message.get("marks"), message.get("held"),
+                         lineage, message.get("alone") is True)
 
 
 def handle_bundle(ctx, session, message):
@@ -117,7 +123,9 @@ def handle_bundle(ctx, session, message):
 # --- failure replies received -------------------------------------------------------------------
 
 def handle_invalid_message(ctx, session, message):
-    if session.role == SERVER:
+    if session.role == SERVER and message.get("refused"):  # the re-attachment rule: try the next
+        log.info("server %s refused the link (%s): %s", session.address, message["refused"], message["info"])
+    elif session.role == SERVER:
         log.error("server %s rejected our message: %s", session.address, message["info"])
     raise Goodbye(f"peer sent INVALID_MESSAGE: {message['info']}")
 

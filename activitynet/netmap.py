@@ -84,6 +84,13 @@ ALONE_AFTER = 2 * GRACE  # seconds a settled root stays alone before it seeks th
 EXPIRE_AFTER = 300.0  # seconds an entry outside our component is kept as an address to try
 
 SETTLED, ORPHAN, JOINING = 0, 1, 2
+# Why a link is refused, the machine field "refused" of the INVALID_MESSAGE (``Refusal.code``): a
+# dialler moves on to its next candidate on any of them; the text is for people only.
+REFUSED_SELF = "self"  # the dialler is this server
+REFUSED_NOT_ROOT = "not-root"  # the dialler hangs below another server
+REFUSED_CYCLE = "cycle"  # the dialler is above this server
+REFUSED_RANK = "rank"  # the dialler's fragment is more senior: it is ours that attaches
+REFUSED_BUSY = "busy"  # this server is dialling alone (see ``dials_alone``)
 KINDS = (SETTLED, ORPHAN, JOINING)
 
 
@@ -148,6 +155,15 @@ class Lineage:
         return cls(kind, stamp, root_path, _addresses(below, f"{where}[3] (path below)"))
 
 
+class Refusal(str):
+    """Why a link is refused: the text for people, ``code`` (a REFUSED_* constant) for machines."""
+
+    def __new__(cls, code, text):
+        refusal = super().__new__(cls, text)
+        refusal.code = code
+        return refusal
+
+
 def accepts(mine, dialler, alone=False):
     """The acceptor's check on a new link from ``dialler`` (its Lineage); ``mine`` is the
     acceptor's. Returns None to accept, or why not (the link would make a cycle or the dialler's
@@ -157,14 +173,16 @@ def accepts(mine, dialler, alone=False):
     judge it."""
     me, them = mine.address(), dialler.address()
     if them == me:
-        return f"{them} is this server"
+        return Refusal(REFUSED_SELF, f"{them} is this server")
     if not dialler.is_root():
-        return f"{them} already hangs below {dialler.chain()[-2]}: only a fragment's root may attach"
+        return Refusal(REFUSED_NOT_ROOT, f"{them} already hangs below {dialler.chain()[-2]}: "
+                       "only a fragment's root may attach")
     if them in mine.chain():
-        return f"{them} is above this server ({' > '.join(mine.chain())}): the link would make a cycle"
+        return Refusal(REFUSED_CYCLE, f"{them} is above this server ({' > '.join(mine.chain())}): "
+                       "the link would make a cycle")
     if dialler.root_rank() <= mine.root_rank() and not alone:
-        return (f"{them}'s fragment (root {dialler.chain()[0]}) outranks this one (root "
-                f"{mine.chain()[0]}): this fragment attaches to it, not the other way round")
+        return Refusal(REFUSED_RANK, f"{them}'s fragment (root {dialler.chain()[0]}) outranks this one "
+                       f"(root {mine.chain()[0]}): this fragment attaches to it, not the other way round")
     return None
 
 
@@ -203,11 +221,14 @@ class Entry:
     down: tuple  # addresses of the servers linked to it that dialled it, sorted
     version: tuple  # (incarnation ms, counter)
     lineage: object = None  # Lineage, or None if not known yet
+    monitor: object = None  # "host:port" of its monitor endpoint, if it has one
 
     def to_wire(self):
         wire = {"up": self.up, "down": list(self.down), "v": list(self.version)}
         if self.lineage is not None:
             wire["lineage"] = self.lineage.to_wire()
+        if self.monitor is not None:
+            wire["monitor"] = self.monitor
         return wire
 
     @classmethod
@@ -225,7 +246,10 @@ class Entry:
         lineage = value.get("lineage")
         if lineage is not None:
             lineage = Lineage.from_wire(lineage, f"{where}.lineage")
-        return cls(up, tuple(sorted(down)), tuple(version), lineage)
+        monitor = value.get("monitor")
+        if monitor is not None and not _is_address(monitor):
+            raise InvalidMessage(f"{where}.monitor must be \"host:port\"")
+        return cls(up, tuple(sorted(down)), tuple(version), lineage, monitor)
 
 
 class NetMap:
@@ -241,14 +265,14 @@ class NetMap:
     def own(self):
         return self.entries[self.me]
 
-    def set_own(self, up, down, lineage):
+    def set_own(self, up, down, lineage, monitor=None):
         """Record this server's links and lineage; True (and a new version) if they changed."""
         old = self.own
         down = tuple(sorted(down))
-        if (up, down, lineage) == (old.up, old.down, old.lineage):
+        if (up, down, lineage, monitor) == (old.up, old.down, old.lineage, old.monitor):
             return False
         incarnation, counter = old.version
-        self.entries[self.me] = Entry(up, down, (incarnation, counter + 1), lineage)
+        self.entries[self.me] = Entry(up, down, (incarnation, counter + 1), lineage, monitor)
         return True
 
     def merge(self, wire):
@@ -372,11 +396,15 @@ class Seeker:
 
     def __init__(self, joins=()):
         self.joins = tuple(joins)
+        self.excluded = set()  # never dialled again (they refused our secret)
         self._alone_since = None
         self._restart(lost_lineage=None, lost_at=None, now=0.0)
 
-    def parent_lost(self, lineage_before, now):
+    def parent_lost(self, lineage_before, now, dialled=None):
+        """The link to our parent broke; ``dialled``: the address we dialled it at, if that is
+        not the one it announced (a port forward, a relay): the grace redials use it."""
         self._restart(lineage_before, now, now)
+        self.lost_parent = dialled or lineage_before.chain()[-2]
 
     def attached(self):
         self._restart(None, None, 0.0)
@@ -384,6 +412,7 @@ class Seeker:
     def _restart(self, lost_lineage, lost_at, now):
         self.lost_lineage = lost_lineage  # our lineage before the parent was lost
         self.lost_at = lost_at
+        self.lost_parent = None
         self.tried = set()  # candidates tried in this round
         self.failed_rounds = 0
         self.not_before = now
@@ -397,9 +426,10 @@ class Seeker:
         alone_for = 0.0 if self._alone_since is None else now - self._alone_since
         if not seeks(lineage, has_children, alone_for) or now < self.not_before:
             return None
-        if self.lost_at is not None and now - self.lost_at < GRACE:
-            return self.lost_lineage.chain()[-2], False
-        options = [c for c in candidates(netmap, self.lost_lineage or lineage, joins=self.joins)
+        parent = self.lost_parent
+        if parent is not None and parent not in self.excluded and now - self.lost_at < GRACE:
+            return parent, False
+        options = [c for c in candidates(netmap, self.lost_lineage or lineage, self.excluded, self.joins)
                    if c not in self.tried]
         if not options:
             self.tried = set()

@@ -11,9 +11,11 @@ Options (the Project 1 flag in brackets):
                             this one (default: this machine's address)
   --remote-host=HOST        [-rh] a server of the network to join (default: start alone)
   --remote-port=PORT        [-rp] its port [default: 3780]
+  --join=HOST:PORT,...      more servers of the network to join, tried in order after -rh/-rp;
+                            the network heals itself when servers die (README: re-attachment)
   --secret=SECRET           [-s] the servers' shared secret (default: generate and print one)
-  --activity-interval=MS    [-a] activity interval in ms; a broken link is redialled at least
-                            this often, and at least once a second [default: 5000]
+  --activity-interval=MS    [-a] activity interval in ms (accepted for Project 1; a lost
+                            parent is redialled at least once a second) [default: 5000]
   --bind=ADDRESS            address to listen on [default: 0.0.0.0]
   --history=N               activities kept for partition recovery [default: 100000]
   --max-line=BYTES          longest line accepted from a client [default: 1048576]
@@ -39,7 +41,7 @@ import time
 
 from . import cli, handlers
 from .connection import Connection, LineTooLong, PlainTransport, Poller
-from .links import MAX_RETRY_WAIT, Dialer, Heartbeat
+from .links import Dialer, Heartbeat
 from .protocol import InvalidMessage, ProtocolError, encode
 from .state import State
 
@@ -68,6 +70,7 @@ class Settings:
     local_host: str = "127.0.0.1"
     remote_host: str | None = None
     remote_port: int = 3780
+    joins: list = dataclasses.field(default_factory=list)  # --join: [(host, port)], after -rh/-rp
     secret: str | None = None
     activity_interval: int = 5000
     bind: str = "0.0.0.0"
@@ -104,16 +107,15 @@ class Server:
             raise
         self.listener.listen(LISTEN_BACKLOG)
         self.port = self.listener.getsockname()[1]
-        self.state = State(settings.local_host, self.port, history_size=settings.history)
+        joins = ([(settings.remote_host, settings.remote_port)] if settings.remote_host else []) + settings.joins
+        self.state = State(settings.local_host, self.port, history_size=settings.history,
+                           joins=[f"{host}:{port}" for host, port in joins])
         self.poller = Poller()
         self.context = handlers.Context(self.state, self.secret, self._trust_as_server)
         self._conns_lock = threading.Lock()  # guards _conns
         self._conns = {}  # open Connection -> the thread serving it
-        self._threads = [Heartbeat(self.state, self.stopping)]
-        if settings.remote_host:
-            max_wait = min(max(settings.activity_interval, 100) / 1000, MAX_RETRY_WAIT)
-            self._threads.append(Dialer(settings.remote_host, settings.remote_port, max_wait,
-                                        self.stopping, self.serve_link))
+        self._threads = [Heartbeat(self.state, self.stopping),
+                         Dialer(self.state, self.stopping, self.serve_link)]
 
     @property
     def address(self):
@@ -284,6 +286,7 @@ def parse_settings(argv):
         local_host=args["--local-host"] or default_hostname(),
         remote_host=remote_host,
         remote_port=cli.port(args["--remote-port"], "-rp/--remote-port"),
+        joins=cli.addresses(args["--join"], "--join") if args["--join"] is not None else [],
         secret=secret,
         activity_interval=cli.positive_int(args["--activity-interval"], "-a/--activity-interval"),
         bind=args["--bind"],

@@ -557,9 +557,9 @@ def linked_state(*peers):
     state = new_state()
     sessions = []
     for index, name in enumerate(peers):
-        session = accept_peer(state, name, 5000 + index)
+        sessions.append(accept_peer(state, name, 5000 + index))
+    for session in sessions:  # each new link changed our network map: announced to every link
         take(session)
-        sessions.append(session)
     return state, sessions
 
 
@@ -591,7 +591,8 @@ def test_retrieve_request_asks_after_the_last_id_from_that_peer_with_marks():
     again = new_session(state, "again")
     state.dial_link(again, "127.0.0.1:5000", "secret")
     assert take(again, "ACTIVITY_RETRIEVE") == [{
-        "command": "ACTIVITY_RETRIEVE", "after": own(ORIGIN_B, 2), "marks": {ORIGIN_B: 2}}]
+        "command": "ACTIVITY_RETRIEVE", "after": own(ORIGIN_B, 2), "marks": {ORIGIN_B: 2},
+        "lineage": [0, 0, ["127.0.0.1:4000"], []]}]  # the dialler's lineage: the acceptor judges it
 
 
 def test_activities_deduplicated_by_origin_sequence_and_by_foreign_id():
