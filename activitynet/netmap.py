@@ -186,7 +186,7 @@ def accepts(mine, dialler, alone=False):
     return None
 
 
-def seeks(lineage, has_children, alone_for):
+def seeks(lineage, has_children, alone_for, alone_after=ALONE_AFTER):
     """Whether a server dials other servers now. Any root that is not settled does (an orphan,
     a joiner). A settled root does once it has been alone (nothing below it) for ``ALONE_AFTER``
     seconds although it knows other servers: its children died or were cut off, and it leaves
@@ -195,7 +195,7 @@ def seeks(lineage, has_children, alone_for):
         return False
     if lineage.kind != SETTLED:
         return True
-    return not has_children and alone_for >= ALONE_AFTER
+    return not has_children and alone_for >= alone_after
 
 
 def dials_alone(lineage, has_children, failed_rounds):
@@ -394,8 +394,9 @@ class Seeker:
     the ``candidates`` are tried back to back, and a whole round without success waits before the
     next one, doubling up to ``ROUND_MAX_WAIT``."""
 
-    def __init__(self, joins=()):
+    def __init__(self, joins=(), grace=GRACE):
         self.joins = tuple(joins)
+        self.grace = grace  # the server's --grace: GRACE unless told otherwise
         self.excluded = set()  # never dialled again (they refused our secret)
         self._alone_since = None
         self._restart(lost_lineage=None, lost_at=None, now=0.0)
@@ -424,10 +425,10 @@ class Seeker:
         elif self._alone_since is None:
             self._alone_since = now
         alone_for = 0.0 if self._alone_since is None else now - self._alone_since
-        if not seeks(lineage, has_children, alone_for) or now < self.not_before:
+        if not seeks(lineage, has_children, alone_for, 2 * self.grace) or now < self.not_before:
             return None
         parent = self.lost_parent
-        if parent is not None and parent not in self.excluded and now - self.lost_at < GRACE:
+        if parent is not None and parent not in self.excluded and now - self.lost_at < self.grace:
             return parent, False
         options = [c for c in candidates(netmap, self.lost_lineage or lineage, self.excluded, self.joins)
                    if c not in self.tried]
@@ -444,7 +445,7 @@ class Seeker:
         """The last dial's result: accepted (we are attached), or refused / unreachable."""
         if accepted:
             self.attached()
-        elif self.lost_at is not None and now - self.lost_at < GRACE:
+        elif self.lost_at is not None and now - self.lost_at < self.grace:
             self.not_before = now + self._parent_wait
             self._parent_wait = min(2 * self._parent_wait, MAX_WAIT)
 

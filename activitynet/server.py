@@ -13,6 +13,8 @@ Options (the Project 1 flag in brackets):
   --remote-port=PORT        [-rp] its port [default: 3780]
   --join=HOST:PORT,...      more servers of the network to join, tried in order after -rh/-rp;
                             the network heals itself when servers die (README: re-attachment)
+  --grace=SECONDS           how long a lost parent is redialled before this server attaches
+                            elsewhere (a settled root left alone waits twice as long) [default: 3]
   --secret=SECRET           [-s] the servers' shared secret (default: generate and print one)
   --activity-interval=MS    [-a] activity interval in ms (accepted for Project 1; a lost
                             parent is redialled at least once a second) [default: 5000]
@@ -71,6 +73,7 @@ class Settings:
     remote_host: str | None = None
     remote_port: int = 3780
     joins: list = dataclasses.field(default_factory=list)  # --join: [(host, port)], after -rh/-rp
+    grace: float = 3.0
     secret: str | None = None
     activity_interval: int = 5000
     bind: str = "0.0.0.0"
@@ -109,7 +112,7 @@ class Server:
         self.port = self.listener.getsockname()[1]
         joins = ([(settings.remote_host, settings.remote_port)] if settings.remote_host else []) + settings.joins
         self.state = State(settings.local_host, self.port, history_size=settings.history,
-                           joins=[f"{host}:{port}" for host, port in joins])
+                           joins=[f"{host}:{port}" for host, port in joins], grace=settings.grace)
         self.poller = Poller()
         self.context = handlers.Context(self.state, self.secret, self._trust_as_server)
         self._conns_lock = threading.Lock()  # guards _conns
@@ -287,6 +290,7 @@ def parse_settings(argv):
         remote_host=remote_host,
         remote_port=cli.port(args["--remote-port"], "-rp/--remote-port"),
         joins=cli.addresses(args["--join"], "--join") if args["--join"] is not None else [],
+        grace=cli.positive_int(args["--grace"], "--grace"),
         secret=secret,
         activity_interval=cli.positive_int(args["--activity-interval"], "-a/--activity-interval"),
         bind=args["--bind"],

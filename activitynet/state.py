@@ -43,7 +43,7 @@ class State:
     """Sessions, clients, links, users and history of one server; see the module docstring."""
 
     def __init__(self, hostname, port, history_size=100_000, origin=None, clock_slack=CLOCK_SLACK,
-                 users=None, history=None, outgoing=None, lock=None, joins=()):
+                 users=None, history=None, outgoing=None, lock=None, joins=(), grace=netmap.GRACE):
         self.outgoing = outgoing or Outgoing()
         self._locked = self.outgoing.holding(lock or threading.RLock())  # see the module doc
         self.clock_slack = clock_slack
@@ -62,7 +62,7 @@ class State:
         self.me = f"{hostname}:{port}"
         self.lineage = Lineage.joining(self.me, started_ms) if joins else Lineage.settled(self.me)
         self.netmap = NetMap(self.me, started_ms, self.lineage)
-        self.seeker = Seeker(joins)
+        self.seeker = Seeker(joins, grace)
         self.monitor = None  # "host:port" of our monitor endpoint, if any (set before serving)
         self._parent = None  # the session of the link to our parent: we dialled it, it accepted
         self._dial_alone = False  # our pending dial says alone: refuse every diallers meanwhile
@@ -446,7 +446,7 @@ class State:
     def next_dial(self, now):
         """(address, alone) to dial now, or None (see ``netmap.Seeker``)."""
         with self._locked:
-            has_children = any(not link.initiator for link in self._links.values())
+            has_children = bool(self.netmap.own.down)  # servers that hang below us (not a probe)
             dial = self.seeker.next_dial(now, self.netmap, self.lineage, has_children)
             self._dial_alone = bool(dial and dial[1])
             return dial

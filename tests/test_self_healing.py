@@ -1,0 +1,252 @@
+"""Self-healing with real processes on 127.0.0.1 (issue 9): servers die for good, links are cut,
+and the survivors become one network again within seconds, losing and doubling nothing.
+
+What a server knows about its network is read from the servers themselves: a ``MapProbe``
+authenticates as a server that never announces itself (so it is in nobody's map) and keeps the
+network map each server sends on SERVER_ANNOUNCE. A network of n servers has settled when every
+survivor's map holds exactly the survivors, joined by n - 1 links both ends confirm: one tree.
+The rule itself is tested on plain data in test_netmap.py, de-duplication in test_dedup.py.
+"""
+
+import json
+import socket
+import threading
+import time
+
+import pytest
+
+from activitynet.netmap import Entry, NetMap
+from harness import SECRET, wait_until
+from netcut import Relay
+from test_recovery import assert_exactly, has_all, join, log_mark, recorders, send_numbered  # noqa: F401
+
+LONG = 60.0  # generous: a slow, busy 2-core machine
+
+
+class MapProbe:
+    """Authenticates to a server as a silent server link and keeps the latest network map the
+    server announces (our extension of SERVER_ANNOUNCE), answering with heartbeats."""
+
+    def __init__(self, port):
+        self.port = port
+        self.map = None
+        self._sock = socket.create_connection(("127.0.0.1", port), timeout=LONG)
+        self._sock.sendall(json.dumps({"command": "AUTHENTICATE", "secret": SECRET}).encode() + b"\n")
+        self._stop = threading.Event()
+        threading.Thread(target=self._read, daemon=True).start()
+        threading.Thread(target=self._beat, daemon=True).start()
+
+    def _read(self):
+        for line in self._sock.makefile("rb"):
+            if line.strip() == b"h":
+                continue
+            message = json.loads(line)
+            if message.get("command") == "SERVER_ANNOUNCE" and "map" in message:
+                self.map = message["map"]
+
+    def _beat(self):
+        while not self._stop.wait(1.0):
+            try:
+                self._sock.sendall(b"h\n")
+            except OSError:
+                return
+
+    def network(self):
+        """(servers in this server's network, links both ends confirm) from its latest map."""
+        if self.map is None:
+            return set(), 0
+        me = f"127.0.0.1:{self.port}"
+        netmap = NetMap(me, 0, None)
+        netmap.entries = {a: Entry.from_wire(v, a) for a, v in self.map.items()}
+        inside = netmap.component()
+        links = sum(1 for a in inside if netmap.entries[a].up and netmap.linked(a, netmap.entries[a].up))
+        return inside, links
+
+    def close(self):
+        self._stop.set()
+        self._sock.close()
+
+
+@pytest.fixture
+def probes():
+    opened = []
+
+    def probe(server):
+        opened.append(MapProbe(server.port))
+        return opened[-1]
+    yield probe
+    for p in opened:
+        p.close()
+
+
+def address(server):
+    return f"127.0.0.1:{server.port}"
+
+
+def wait_one_network(probes, servers, timeout=LONG):
+    """Wait until each of ``servers`` sees exactly ``servers`` as its network, with
+    len(servers) - 1 links (one tree); returns the seconds it took."""
+    want = {address(s) for s in servers}
+    watching = [probes(s) for s in servers]
+    started = time.monotonic()
+    wait_until(lambda: all(p.network() == (want, len(want) - 1) for p in watching), timeout,
+               interval=0.1, message=f"one network of {sorted(want)}: "
+               + "; ".join(f"{p.port}: {p.network()}" for p in watching))
+    for p in watching:
+        p.close()
+    return time.monotonic() - started
+
+
+def exchange(recorders, clients, tag, expected):
+    """Every client sends activity ``tag``; each receives all of them; returns ``expected``
+    updated with what each client should now hold."""
+    send_numbered_all = {c.name: tag for c in clients}
+    for client in clients:
+        send_numbered(client, [tag])
+    for client in clients:
+        expected.setdefault(client.name, []).append(tag)
+    for client in clients:
+        client.wait(has_all({name: [seq] for name, seq in send_numbered_all.items()}), LONG,
+                    f"activities {tag} from every client")
+    return expected
+
+
+def dead_port():
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_chain_middle_dies_for_good(make_process, probes, recorders):
+    """A <- B <- C, B killed for good: C attaches to its grandparent A and stops redialling B;
+    A's and C's clients exchange activities again, every one exactly once and in order."""
+    a = make_process()
+    b = make_process(remote_port=a.port)
+    c = make_process(remote_port=b.port, extra=["--log-level", "debug"])  # logs every dial
+    wait_one_network(probes, [a, b, c])
+    ca, cc = join(recorders, a.port, "ca"), join(recorders, c.port, "cc")
+    expected = exchange(recorders, [ca, cc], 1, {})
+    b.kill()
+    for seq in range(2, 12):  # sent while the network re-forms: held, recovered, never lost
+        send_numbered(ca, [seq])
+        send_numbered(cc, [seq])
+    expected = {"ca": list(range(1, 12)), "cc": list(range(1, 12))}
+    for client in (ca, cc):
+        client.wait(has_all(expected), LONG, "the other side's activities after B died")
+    wait_one_network(probes, [a, c])
+    dials_of_b = rf"(cannot reach|connected to) server 127\.0\.0\.1:{b.port}"
+    mark = c.count_log(dials_of_b)
+    expected = exchange(recorders, [ca, cc], 12, expected)
+    time.sleep(2.0)  # a negative check: the redial schedule would have dialled B by now
+    assert c.count_log(dials_of_b) == mark, \
+        "C still redials B although it is attached to A"
+    for client in (ca, cc):
+        assert_exactly(client, expected)
+
+
+def test_star_hub_dies(make_process, probes, recorders):
+    """A hub with three leaves dies: the leaves form one network again (the most senior
+    orphan is root, the others attach to it) and their clients hear each other."""
+    hub = make_process()
+    leaves = [make_process(remote_port=hub.port) for _ in range(3)]
+    wait_one_network(probes, [hub, *leaves])
+    clients = [join(recorders, leaf.port, f"l{i}") for i, leaf in enumerate(leaves)]
+    expected = exchange(recorders, clients, 1, {})
+    hub.kill()
+    wait_one_network(probes, leaves)
+    expected = exchange(recorders, clients, 2, expected)
+    for client in clients:
+        assert_exactly(client, expected)
+
+
+def test_root_dies_in_a_depth_3_tree(make_process, probes, recorders):
+    """R <- (M1 <- L1), (M2 <- L2): the root dies; M1 and M2 are orphans of equal path length,
+    the one with the smaller address leads; everyone is one network again."""
+    r = make_process()
+    m1, m2 = make_process(remote_port=r.port), make_process(remote_port=r.port)
+    l1, l2 = make_process(remote_port=m1.port), make_process(remote_port=m2.port)
+    survivors = [m1, m2, l1, l2]
+    wait_one_network(probes, [r, *survivors])
+    clients = [join(recorders, s.port, f"c{i}") for i, s in enumerate(survivors)]
+    expected = exchange(recorders, clients, 1, {})
+    r.kill()
+    for client in clients:  # sent while re-forming
+        send_numbered(client, [2, 3])
+        expected[client.name] += [2, 3]
+    wait_one_network(probes, survivors)
+    for client in clients:
+        client.wait(has_all(expected), LONG, "activities sent while the network re-formed")
+    expected = exchange(recorders, clients, 4, expected)
+    for client in clients:
+        assert_exactly(client, expected)
+
+
+def test_two_die_at_once(make_process, probes, recorders):
+    """R <- (M1 <- L1), (M2 <- L2): both middles die together; each leaf walks up to R."""
+    r = make_process()
+    m1, m2 = make_process(remote_port=r.port), make_process(remote_port=r.port)
+    l1, l2 = make_process(remote_port=m1.port), make_process(remote_port=m2.port)
+    wait_one_network(probes, [r, m1, m2, l1, l2])
+    clients = [join(recorders, s.port, f"c{i}") for i, s in enumerate((r, l1, l2))]
+    expected = exchange(recorders, clients, 1, {})
+    m1.proc.kill()
+    m2.proc.kill()
+    m1.proc.wait(), m2.proc.wait()
+    wait_one_network(probes, [r, l1, l2])
+    expected = exchange(recorders, clients, 2, expected)
+    for client in clients:
+        assert_exactly(client, expected)
+
+
+def test_cut_link_between_live_servers_heals_through_another_path(make_process, probes, recorders):
+    """A <- B <-relay- C: the relay (C's only way to B so far) is cut and stays cut. C redials
+    it for the grace period, then attaches by another path (B at the address it announced);
+    nothing is lost or doubled, and the network is one tree again."""
+    a = make_process()
+    b = make_process(remote_port=a.port)
+    with Relay(b.port) as relay:
+        c = make_process(remote_port=relay.port)
+        wait_one_network(probes, [a, b, c])
+        ca, cc = join(recorders, a.port, "ca"), join(recorders, c.port, "cc")
+        expected = exchange(recorders, [ca, cc], 1, {})
+        relay.cut()
+        for client in (ca, cc):
+            send_numbered(client, [2, 3])
+            expected[client.name] += [2, 3]
+        wait_one_network(probes, [a, b, c])
+        assert relay.mode == "cut" and relay.connections() == 0
+        for client in (ca, cc):
+            client.wait(has_all(expected), LONG, "activities sent during the cut")
+        expected = exchange(recorders, [ca, cc], 4, expected)
+    for client in (ca, cc):
+        assert_exactly(client, expected)
+
+
+def test_restarted_server_joins_as_a_new_leaf(make_process, probes, recorders):
+    """A <- B <- C, B killed; once A and C are one network, B restarts on its old address and
+    joins as a new leaf: three servers, two links."""
+    a = make_process()
+    b = make_process(remote_port=a.port)
+    c = make_process(remote_port=b.port)
+    wait_one_network(probes, [a, b, c])
+    b.kill()
+    wait_one_network(probes, [a, c])
+    b.start()
+    wait_one_network(probes, [a, b, c])
+    clients = [join(recorders, s.port, n) for n, s in (("ca", a), ("cb", b), ("cc", c))]
+    expected = exchange(recorders, clients, 1, {})
+    for client in clients:
+        assert_exactly(client, expected)
+
+
+def test_join_tries_seeds_in_order(make_process, probes, recorders):
+    """--join with a dead seed first: the next one is tried, and the server joins."""
+    a = make_process()
+    b = make_process(extra=["--join", f"127.0.0.1:{dead_port()},127.0.0.1:{a.port}"])
+    wait_one_network(probes, [a, b])
+    c = make_process(remote_port=dead_port(), extra=["--join", f"127.0.0.1:{b.port}"])  # -rh first
+    wait_one_network(probes, [a, b, c])
+    clients = [join(recorders, s.port, n) for n, s in (("ca", a), ("cc", c))]
+    expected = exchange(recorders, clients, 1, {})
+    for client in clients:
+        assert_exactly(client, expected)
