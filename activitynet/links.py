@@ -22,7 +22,22 @@ HEARTBEAT_EVERY = 1.0
 SILENCE = 3.0
 
 
-class Dialer:
+class _Worker:
+    """A daemon thread running ``self._run`` until ``stopping`` is set."""
+
+    def __init__(self, name, stopping):
+        self.stopping = stopping
+        self.thread = threading.Thread(target=self._run, name=name, daemon=True)
+
+    def start(self):
+        self.thread.start()
+
+    def join(self, timeout):
+        if self.thread.ident is not None:  # started
+            self.thread.join(timeout)
+
+
+class Dialer(_Worker):
     """The one thread that dials other servers, whom and when the state's ``netmap.Seeker``
     says (``state.next_dial``): the configured servers at first, a lost parent for ``GRACE``,
     then candidates round after round with bounded backoff, while this server is a root that
@@ -31,17 +46,9 @@ class Dialer:
 
     def __init__(self, state, stopping, serve_link):
         self.state = state
-        self.stopping = stopping
         self.serve_link = serve_link
-        self.thread = threading.Thread(target=self._run, name="dialler", daemon=True)
         self._failures = {}  # address -> failed tries in a row (to keep the log short)
-
-    def start(self):
-        self.thread.start()
-
-    def join(self, timeout):
-        if self.thread.ident is not None:  # started
-            self.thread.join(timeout)
+        super().__init__("dialler", stopping)
 
     def _run(self):
         state, stopping = self.state, self.stopping
@@ -71,21 +78,13 @@ class Dialer:
                 log.warning("link to server %s ended (%s)", address, reason)
 
 
-class Heartbeat:
+class Heartbeat(_Worker):
     """One thread for all links: ``state.tick`` (``h``, the recovery clock), then close the
     silent links it names (outside the state lock)."""
 
     def __init__(self, state, stopping):
         self.state = state
-        self.stopping = stopping
-        self.thread = threading.Thread(target=self._run, name="heartbeat", daemon=True)
-
-    def start(self):
-        self.thread.start()
-
-    def join(self, timeout):
-        if self.thread.ident is not None:  # started
-            self.thread.join(timeout)
+        super().__init__("heartbeat", stopping)
 
     def _run(self):
         while not self.stopping.wait(HEARTBEAT_EVERY):

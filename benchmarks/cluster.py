@@ -1,4 +1,5 @@
-"""Real servers as processes, their memory, and a relay that can cut a link between two of them.
+"""Real servers as processes (``activitynet.testing.ServerProcess``, shared with the tests) and a
+relay that can cut a link between two of them.
 
 Every server is ``python -m activitynet.server -lp 0 ... --bind 127.0.0.1 -lh 127.0.0.1``, found
 by the ``listening on HOST:PORT`` line it logs at start. A ``Cluster`` owns the servers of one
@@ -6,23 +7,17 @@ scenario and stops them all when its ``with`` block ends, however it ends (failu
 """
 
 import contextlib
-import os
-import re
 import resource
 import selectors
 import socket
 import struct
 import subprocess
-import sys
 import threading
 import time
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-HOST = "127.0.0.1"
+from activitynet.testing import HOST, ServerDidNotStart, ServerProcess
+
 SECRET = "bench-secret"
-START_TIMEOUT = 20.0
-LISTENING = re.compile(r"listening on \S+:(\d+)")
 
 
 class BenchmarkError(Exception):
@@ -39,132 +34,11 @@ def raise_open_files_limit(wanted):
     return soft
 
 
-def memory_kib(pid):
-    """(VmRSS, VmHWM) of a process in KiB, from /proc/<pid>/status; (None, None) once it is gone."""
-    rss = hwm = None
+def wait_listening(server):
     try:
-        with open(f"/proc/{pid}/status") as f:
-            for line in f:
-                if line.startswith("VmRSS:"):
-                    rss = int(line.split()[1])
-                elif line.startswith("VmHWM:"):
-                    hwm = int(line.split()[1])
-    except OSError:
-        pass
-    return rss, hwm
-
-
-_TICKS = os.sysconf("SC_CLK_TCK")
-
-
-def cpu_seconds(pid):
-    """User + system CPU time of a process (all its threads), or None once it is gone."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            fields = f.read().rsplit(")", 1)[1].split()
-    except OSError:
-        return None
-    return (int(fields[11]) + int(fields[12])) / _TICKS
-
-
-class ServerProcess:
-    """One ``python -m activitynet.server`` process."""
-
-    def __init__(self, name, remote_port=None, secret=SECRET, interval=500, extra=()):
-        self.name = name
-        self.remote_port = remote_port
-        self.secret = secret
-        self.interval = interval
-        self.extra = list(extra)
-        self.proc = None
-        self.port = None
-        self.started_at = None  # perf_counter when the process was spawned
-        self.listening_at = None  # perf_counter when its "listening on" line was read
-        self.peak_rss_kib = None
-        self.rss_kib = None
-        self._log = []
-        self._log_lock = threading.Lock()
-        self._listening = threading.Event()
-
-    def command(self):
-        args = [sys.executable, "-m", "activitynet.server", "-lp", "0", "-lh", HOST, "--bind", HOST, "-s", self.secret,
-                                  "-a", str(self.interval)]
-        if self.remote_port is not None:
-            args += ["-rh", HOST, "-rp", str(self.remote_port)]
-        return args + self.extra
-
-    def start(self):
-        env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-        self.started_at = time.perf_counter()
-        self.proc = subprocess.Popen(self.command(), cwd=str(ROOT), env=env, stdin=subprocess.DEVNULL,
-                                     stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-        threading.Thread(target=self._drain, name=f"log-{self.name}", daemon=True).start()
-        return self
-
-    def wait_listening(self, timeout=START_TIMEOUT):
-        if not self._listening.wait(timeout) or self.port is None:
-            raise BenchmarkError(f"server {self.name} did not start listening within {timeout} s:\n"
-                                 + self.log_text()[-3000:])
-        return self
-
-    def _drain(self):
-        for raw in self.proc.stderr:
-            line = raw.decode(errors="replace")
-            if self.port is None:
-                match = LISTENING.search(line)
-                if match:
-                    self.listening_at = time.perf_counter()
-                    self.port = int(match.group(1))
-                    self._listening.set()
-            with self._log_lock:
-                self._log.append(line)
-        self._listening.set()  # EOF: wake a waiter, who sees port is None
-
-    def log_text(self):
-        with self._log_lock:
-            return "".join(self._log)
-
-    def tracebacks(self):
-        with self._log_lock:
-            return sum(1 for line in self._log if line.startswith("Traceback"))
-
-    @property
-    def pid(self):
-        return self.proc.pid
-
-    def alive(self):
-        return self.proc is not None and self.proc.poll() is None
-
-    def memory_mib(self):
-        """(current RSS, peak RSS) in MiB, remembered so they can be read after the stop."""
-        rss, hwm = memory_kib(self.proc.pid)
-        if rss is not None:
-            self.rss_kib, self.peak_rss_kib = rss, hwm
-        return (None if self.rss_kib is None else self.rss_kib / 1024,
-                None if self.peak_rss_kib is None else self.peak_rss_kib / 1024)
-
-    def cpu_seconds(self):
-        return cpu_seconds(self.proc.pid)
-
-    def threads(self):
-        """How many threads the server has (one per connection, plus a few), or None."""
-        try:
-            return len(os.listdir(f"/proc/{self.proc.pid}/task"))
-        except OSError:
-            return None
-
-    def stop(self, timeout=10.0):
-        """SIGTERM (SIGKILL after ``timeout``); records the peak RSS first."""
-        if self.proc is None or self.proc.poll() is not None:
-            return
-        self.memory_mib()
-        with contextlib.suppress(ProcessLookupError):
-            self.proc.terminate()
-        try:
-            self.proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
+        server.wait_listening()
+    except ServerDidNotStart as exc:
+        raise BenchmarkError(str(exc)) from None
 
 
 class Cluster:
@@ -194,12 +68,12 @@ class Cluster:
             hook()
 
     def start(self, name, remote_port=None, extra=(), wait=True):
-        server = ServerProcess(name, remote_port=remote_port, interval=self.interval,
-                               extra=self.extra + list(extra))
+        server = ServerProcess(name, remote_port=remote_port, secret=SECRET, interval=self.interval,
+                               extra=self.extra + list(extra), stdout=subprocess.DEVNULL)
         self.servers.append(server)
-        server.start()
+        server.spawn()
         if wait:
-            server.wait_listening()
+            wait_listening(server)
         for hook in self.on_start:
             hook(server)
         return server

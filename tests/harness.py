@@ -19,7 +19,7 @@ import time
 import types
 from pathlib import Path
 
-from activitynet import schemas
+from activitynet import schemas, testing
 from activitynet.server import Server, Settings
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -206,92 +206,18 @@ def wait_links(*servers_and_counts, timeout=TIMEOUT):
 
 # --- servers as processes -----------------------------------------------------------------------
 
-class ServerProcess:
-    """``python -m activitynet.server`` started as a marker would, with the Project 1 flags."""
+class ServerProcess(testing.ServerProcess):
+    """``python -m activitynet.server`` started as a marker would, with the Project 1 flags (the
+    one implementation shared with the benchmarks); ``stop`` also checks no thread crashed."""
 
     def __init__(self, remote_port=None, secret=SECRET, port=0, extra=(), interval=500):
-        self.remote_port = remote_port
-        self.secret = secret
-        self.port = port
-        self.extra = list(extra)
-        self.interval = interval
-        self.proc = None
-        self.log = []
-        self._log_lock = threading.Lock()
-
-    def args(self):
-        args = [sys.executable, "-m", "activitynet.server", "-lp", str(self.port), "-lh", "127.0.0.1",
-                "--bind", "127.0.0.1", "-a", str(self.interval)]
-        if self.secret is not None:
-            args += ["-s", self.secret]
-        if self.remote_port is not None:
-            args += ["-rh", "127.0.0.1", "-rp", str(self.remote_port)]
-        return args + self.extra
-
-    def start(self, timeout=TIMEOUT):
-        """Start (or restart, on the same port) and wait until it listens."""
-        env = dict(os.environ, PYTHONPATH=str(ROOT))
-        with self._log_lock:
-            self._start_mark = len(self.log)
-        self.proc = subprocess.Popen(self.args(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                     env=env, cwd=str(ROOT))
-        threading.Thread(target=self._drain, args=(self.proc,), daemon=True).start()
-        match = wait_until(lambda: self.find_log(r"listening on \S+:(\d+)", since=self._start_mark)
-                           or self.proc.poll() is not None, timeout, message="the server to listen")
-        if self.proc.poll() is not None:
-            raise AssertionError("server exited at start:\n" + self.log_text())
-        self.port = int(match.group(1))
-        return self
-
-    def _drain(self, proc):
-        for raw in proc.stderr:
-            with self._log_lock:
-                self.log.append(raw.decode(errors="replace"))
-
-    _start_mark = 0
-
-    def find_log(self, pattern, since=0):
-        with self._log_lock:
-            lines = self.log[since:]
-        for line in lines:
-            match = re.search(pattern, line)
-            if match:
-                return match
-        return None
-
-    def count_log(self, pattern):
-        with self._log_lock:
-            return sum(1 for line in self.log if re.search(pattern, line))
-
-    def log_text(self):
-        with self._log_lock:
-            return "".join(self.log)
-
-    def alive(self):
-        return self.proc is not None and self.proc.poll() is None
-
-    def signal(self, signum):
-        self.proc.send_signal(signum)
-
-    def kill(self):
-        """SIGKILL: a crash, no goodbye to anyone."""
-        self.proc.kill()
-        self.proc.wait(timeout=TIMEOUT)
-
-    def freeze(self):
-        self.proc.send_signal(signal.SIGSTOP)
-
-    def thaw(self):
-        self.proc.send_signal(signal.SIGCONT)
+        super().__init__(remote_port=remote_port, secret=secret, port=port, interval=interval, extra=extra)
 
     def stop(self):
         """SIGTERM, and check the exit was clean and no thread crashed."""
-        if not self.alive():
-            return None
-        self.proc.send_signal(signal.SIGCONT)
-        self.proc.terminate()
-        code = self.proc.wait(timeout=TIMEOUT)
-        assert "Traceback" not in self.log_text(), self.log_text()
+        code = super().stop()
+        if code is not None:
+            assert "Traceback" not in self.log_text(), self.log_text()
         return code
 
 

@@ -734,7 +734,7 @@ def write_dump(world, began, failures, path):
                              f"{body.get('seq', body.get('probe'))} {message['id']}")
     for node in world.nodes:
         lines += ["", f"log of {node.name} (port {node.process.port}):"]
-        lines += ["  " + line.rstrip() for line in node.process.log]
+        lines += ["  " + line.rstrip() for line in node.process.log_text().splitlines()]
     with open(path, "w") as out:
         out.write("\n".join(lines) + "\n")
 

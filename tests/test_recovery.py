@@ -102,7 +102,7 @@ def wait_log(process, pattern, since=0, timeout=LONG):
 
 def log_mark(process):
     """Where the log of ``process`` ends now, for ``find_log(..., since=)``."""
-    return len(process.log)
+    return process.log_mark()
 
 
 # --- late join ----------------------------------------------------------------------------------
