@@ -208,15 +208,20 @@ class Intake:
         self._seen = {}  # origin -> SeqSet
         self.foreign = SeenIds(foreign_bound)
         self.order = Reorder(hold_for, max_held)
+        self.duplicates = 0  # copies received of activities already seen (the cost of extra paths)
 
     def receive(self, activity_id, parsed, item, now):
         if parsed is None:
-            return [item] if self.foreign.add(activity_id) else []
+            if self.foreign.add(activity_id):
+                return [item]
+            self.duplicates += 1
+            return []
         origin, seq = parsed[0], parsed[1]
         seen = self._seen.get(origin)
         if seen is None:
             seen = self._seen[origin] = SeqSet(self.max_runs)
         if not seen.add(seq):
+            self.duplicates += 1
             return []
         return self.order.arrive(origin, seq, item, now)
 

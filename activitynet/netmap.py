@@ -79,7 +79,7 @@ from dataclasses import dataclass
 
 from .protocol import InvalidMessage, type_name
 
-GRACE = 3.0  # seconds a server redials its lost parent before it re-attaches elsewhere
+GRACE = 2.0  # seconds a server redials its lost parent before it re-attaches elsewhere
 ALONE_AFTER = 2 * GRACE  # seconds a settled root stays alone before it seeks the others
 EXPIRE_AFTER = 300.0  # seconds an entry outside our component is kept as an address to try
 

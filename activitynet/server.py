@@ -14,7 +14,7 @@ Options (the Project 1 flag in brackets):
   --join=HOST:PORT,...      more servers of the network to join, tried in order after -rh/-rp;
                             the network heals itself when servers die (README: re-attachment)
   --grace=SECONDS           how long a lost parent is redialled before this server attaches
-                            elsewhere (a settled root left alone waits twice as long) [default: 3]
+                            elsewhere (a settled root left alone waits twice as long) [default: 2]
   --secret=SECRET           [-s] the servers' shared secret (default: generate and print one)
   --activity-interval=MS    [-a] activity interval in ms (accepted for Project 1; a lost
                             parent is redialled at least once a second) [default: 5000]
@@ -73,7 +73,7 @@ class Settings:
     remote_host: str | None = None
     remote_port: int = 3780
     joins: list = dataclasses.field(default_factory=list)  # --join: [(host, port)], after -rh/-rp
-    grace: float = 3.0
+    grace: float = 2.0
     secret: str | None = None
     activity_interval: int = 5000
     bind: str = "0.0.0.0"

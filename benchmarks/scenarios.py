@@ -698,3 +698,6 @@ def memory_history(ctx, count):
         ctx.row(f"RSS of the server holding {count:,} activities", round(rss, 1), "MB",
                 Target("<", 100), f"{idle_rss:.0f} MB at start, peak {peak:.0f} MB")
     ctx.correctness([echo], "client")
+
+
+from . import healing  # noqa: E402,F401 (registers the self-healing scenario; issue 9)
