@@ -10,6 +10,8 @@ The rule itself is tested on plain data in test_netmap.py, de-duplication in tes
 import socket
 import time
 
+import pytest
+
 from netcut import Relay
 from netprobe import probes, wait_one_network  # noqa: F401 (a fixture)
 from test_recovery import assert_exactly, has_all, join, log_mark, recorders, send_numbered  # noqa: F401
@@ -170,3 +172,79 @@ def test_join_tries_seeds_in_order(make_process, probes, recorders):
     expected = exchange(recorders, clients, 1, {})
     for client in clients:
         assert_exactly(client, expected)
+
+
+# --- the wiring in State, on plain data (no sockets) ---------------------------------------------
+
+from activitynet import protocol  # noqa: E402
+from activitynet.netmap import Lineage  # noqa: E402
+from activitynet.state import State  # noqa: E402
+from test_recovery import ORIGIN_B, accept_peer, logged_in_client, new_session, own, take  # noqa: E402
+
+
+def dialled_by(state, lineage, alone=False):
+    """A server dialled ``state`` and asks for history with its ``lineage`` (our extension)."""
+    session = new_session(state, lineage.address())
+    state.accept_link(session)
+    state.peer_asked(session, "", {}, None, lineage, alone)
+    return session
+
+
+def test_acceptor_refuses_a_cycle_and_a_senior_fragment_with_a_machine_field():
+    me = State("127.0.0.1", 4000, joins=["127.0.0.1:3999"])
+    parent = new_session(me, "parent")
+    me.dial_link(parent, "127.0.0.1:3999", "secret")
+    me.peer_announced(parent, 0, "127.0.0.1", 3999, Lineage.settled("127.0.0.1:3999"))
+    assert me.lineage.chain() == ("127.0.0.1:3999", "127.0.0.1:4000")
+    with pytest.raises(protocol.Refused) as refused:  # our own parent dialling us: a cycle
+        dialled_by(me, Lineage.settled("127.0.0.1:3999"))
+    assert refused.value.reply()["refused"] == "cycle"
+    with pytest.raises(protocol.Refused) as refused:  # a settled root senior to ours (by address)
+        dialled_by(me, Lineage.settled("127.0.0.1:1000"))
+    assert refused.value.reply()["refused"] == "rank"
+    child = dialled_by(me, Lineage.joining("127.0.0.1:5001", 1))  # a joiner hangs below us
+    assert "127.0.0.1:5001" in me.network()["servers"][[s["address"] for s in me.network()["servers"]]
+                                                       .index("127.0.0.1:4000")]["children"]
+    assert take(child, "ACTIVITY_BROADCAST") == []  # answered: nothing to send yet
+
+
+def test_losing_the_parent_makes_an_orphan_root_and_tells_the_subtree():
+    me = State("127.0.0.1", 4000, joins=["127.0.0.1:3999"])
+    parent = new_session(me, "parent")
+    me.dial_link(parent, "127.0.0.1:3999", "secret")
+    me.peer_announced(parent, 0, "127.0.0.1", 3999, Lineage.settled("127.0.0.1:3999"))
+    child = dialled_by(me, Lineage.joining("127.0.0.1:5001", 1))
+    me.peer_announced(child, 0, "127.0.0.1", 5001)
+    take(child)
+    me.close_session(parent)
+    assert me.lineage.is_root() and me.lineage.kind == 1  # an orphan, ranked by its old path
+    announces = take(child, "SERVER_ANNOUNCE")
+    assert announces and announces[-1]["lineage"] == [1, 0, ["127.0.0.1:3999", "127.0.0.1:4000"], []]
+    assert me.next_dial(0.0) is None or me.next_dial(0.0)[0] == "127.0.0.1:3999"  # the grace redial
+
+
+def test_101_after_102_is_delivered_and_in_order():
+    """The issue's example: a second path delivers 102 before 101. Both reach the client, in order."""
+    state = new_state_b()
+    left, right = accept_peer(state, "left", 5000), accept_peer(state, "right", 5001)
+    client = logged_in_client(state, "anonymous", None)
+    for seq in (1, 2, 3):
+        state.server_activity(left, {"n": seq}, own(ORIGIN_B, seq))
+    state.server_activity(right, {"n": 5}, own(ORIGIN_B, 5))  # ahead of a gap: held
+    assert [m["activity"]["n"] for m in take(client, "ACTIVITY_BROADCAST")] == [1, 2, 3]
+    state.server_activity(left, {"n": 4}, own(ORIGIN_B, 4))
+    state.server_activity(left, {"n": 5}, own(ORIGIN_B, 5))  # the copy from the other path
+    assert [m["activity"]["n"] for m in take(client, "ACTIVITY_BROADCAST")] == [4, 5]
+    assert state.snapshot()["dedup"]["duplicates"] == 1
+
+
+def new_state_b():
+    return State("127.0.0.1", 4000, history_size=100, origin="c" * 16)
+
+
+def test_answer_skips_what_the_asker_holds_above_its_mark():
+    from activitynet.recovery import missing_entries
+    from test_recovery import history_of
+    history = history_of([own(ORIGIN_B, n) for n in range(1, 8)])
+    got = missing_entries(history, "", {ORIGIN_B: 2}, {ORIGIN_B: [[5, 6]]})
+    assert [entry[1] for entry in got] == [own(ORIGIN_B, n) for n in (3, 4, 7)]
