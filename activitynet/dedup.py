@@ -156,6 +156,17 @@ class Reorder:
         if seq > self._next.get(origin, 1):
             self._next[origin] = seq
 
+    def resume(self, origin, first):
+        """``origin`` says its numbers resume at ``first`` (a restart with a durable counter that
+        skipped the rest of its reservation): nothing between what we expect and ``first`` is
+        coming, so stop waiting for it, unless something below ``first`` is held (a gap of its
+        own, still on its way). Returns what that releases."""
+        held = self._held.get(origin)
+        if held and min(held) < first:
+            return []
+        self.skip_to(origin, first)
+        return self._drain(origin) if held else []
+
     def expire(self, now):
         """Give up every gap whose oldest held activity has waited ``hold_for``; release them."""
         released = []
@@ -233,6 +244,15 @@ class Intake:
             seen = self._seen[origin] = SeqSet(self.max_runs)
         seen.add(seq)
         self.order.skip_to(origin, seq + 1)
+
+    def restore(self, marks):
+        """Seed from a durable store: per origin, every number from 1 up to ``marks[origin]`` was
+        seen and published before the restart."""
+        for origin, mark in marks.items():
+            if mark > 0:
+                seen = self._seen[origin] = SeqSet(self.max_runs)
+                seen._lo, seen._hi = [1], [mark]
+                self.order.skip_to(origin, mark + 1)
 
     def is_new(self, activity_id, parsed):
         """Whether ``receive`` would take this id as new (no side effect)."""

@@ -222,6 +222,7 @@ class Entry:
     version: tuple  # (incarnation ms, counter)
     lineage: object = None  # Lineage, or None if not known yet
     monitor: object = None  # "host:port" of its monitor endpoint, if it has one
+    resumes: object = None  # (origin, first seq of this run) after a restart with a durable counter
 
     def to_wire(self):
         wire = {"up": self.up, "down": list(self.down), "v": list(self.version)}
@@ -229,6 +230,8 @@ class Entry:
             wire["lineage"] = self.lineage.to_wire()
         if self.monitor is not None:
             wire["monitor"] = self.monitor
+        if self.resumes is not None:
+            wire["resumes"] = list(self.resumes)
         return wire
 
     @classmethod
@@ -249,7 +252,13 @@ class Entry:
         monitor = value.get("monitor")
         if monitor is not None and not _is_address(monitor):
             raise InvalidMessage(f"{where}.monitor must be \"host:port\"")
-        return cls(up, tuple(sorted(down)), tuple(version), lineage, monitor)
+        resumes = value.get("resumes")
+        if resumes is not None and not (isinstance(resumes, list) and len(resumes) == 2
+                                        and isinstance(resumes[0], str) and isinstance(resumes[1], int)
+                                        and not isinstance(resumes[1], bool) and resumes[1] > 0):
+            raise InvalidMessage(f"{where}.resumes must be [origin, first sequence number]")
+        return cls(up, tuple(sorted(down)), tuple(version), lineage, monitor,
+                   tuple(resumes) if resumes is not None else None)
 
 
 class NetMap:
@@ -265,14 +274,14 @@ class NetMap:
     def own(self):
         return self.entries[self.me]
 
-    def set_own(self, up, down, lineage, monitor=None):
+    def set_own(self, up, down, lineage, monitor=None, resumes=None):
         """Record this server's links and lineage; True (and a new version) if they changed."""
         old = self.own
         down = tuple(sorted(down))
-        if (up, down, lineage, monitor) == (old.up, old.down, old.lineage, old.monitor):
+        if (up, down, lineage, monitor, resumes) == (old.up, old.down, old.lineage, old.monitor, old.resumes):
             return False
         incarnation, counter = old.version
-        self.entries[self.me] = Entry(up, down, (incarnation, counter + 1), lineage, monitor)
+        self.entries[self.me] = Entry(up, down, (incarnation, counter + 1), lineage, monitor, resumes)
         return True
 
     def merge(self, wire):

@@ -64,6 +64,8 @@ class State:
         self.netmap = NetMap(self.me, started_ms, self.lineage)
         self.seeker = Seeker(joins, grace)
         self.monitor = None  # "host:port" of our monitor endpoint, if any (set before serving)
+        self.resumes = None  # (our origin, first seq) when a durable counter resumed above 1
+        self._resumes_seen = set()  # (origin, first) of others already applied to the intake
         self._parent = None  # the session of the link to our parent: we dialled it, it accepted
         self._dial_alone = False  # our pending dial says alone: refuse every diallers meanwhile
         self._map_gen = 0  # bumped when the map changes; a link is sent the map when behind
@@ -184,6 +186,8 @@ class State:
             first = not link.announced
             self._take(session, link.peer_announced(load, hostname, port))
             changed = wire_map is not None and self.netmap.merge(wire_map)
+            if changed:
+                self._apply_resumes()
             if first and link.initiator and self._parent is None:
                 self._parent = session
                 link.was_parent = True
@@ -439,9 +443,18 @@ class State:
             link = self._parent.link
             up = f"{link.hostname}:{link.port}" if link.announced else link.peer_key
         down = [link.peer_key for link in self._links.values() if not link.initiator and link.peer_key]
-        if self.netmap.set_own(up, down, self.lineage, self.monitor) or force:
+        if self.netmap.set_own(up, down, self.lineage, self.monitor, self.resumes) or force:
             self._map_gen += 1
             self._announce_load()
+
+    def _apply_resumes(self):
+        """A restarted origin's "resumes" in the map (see ``dedup.Reorder.resume``): its
+        activities are not held for the numbers it skipped."""
+        for entry in self.netmap.entries.values():
+            if entry.resumes is not None and entry.resumes not in self._resumes_seen:
+                self._resumes_seen.add(entry.resumes)
+                for item in self._intake.order.resume(*entry.resumes):
+                    self._publish_item(item)
 
     # --- the dialler's questions (links.Seeking) --------------------------------------------
 

@@ -243,3 +243,18 @@ def test_peer_lacks_exactly_what_marks_and_extras_do_not_cover(held, seq):
         assert not lacks  # before our time: not asked for
     else:
         assert lacks == (seq not in held)
+
+
+def test_a_restarted_origin_resuming_above_its_reservation_is_not_held():
+    """A durable counter resumes at 1,000,001 after a restart: peers learn it ("resumes" in the
+    map) and stop waiting for the numbers it skipped; an earlier gap of its own still waits."""
+    intake = Intake(100)
+    intake.restore({"o": 5})  # from the store: 1..5 seen before our own restart
+    assert intake.receive("o:3:0", ("o", 3, 0), "dup", 0.0) == []
+    assert intake.receive("o:1000002:0", ("o", 1000002, 0), "b", 0.0) == []  # held: 6.. missing
+    assert intake.order.resume("o", 1000001) == []  # skipped to 1000001, which is not here yet
+    assert intake.receive("o:1000001:0", ("o", 1000001, 0), "a", 0.0) == ["a", "b"]
+    intake.receive("p:1:0", ("p", 1, 0), "p1", 0.0)
+    assert intake.receive("p:3:0", ("p", 3, 0), "p3", 0.0) == []
+    assert intake.order.resume("p", 4) == []  # 2 is a gap of its own: still waited for
+    assert intake.receive("p:2:0", ("p", 2, 0), "p2", 0.0) == ["p2", "p3"]
