@@ -63,7 +63,7 @@ class State:
         self.lineage = Lineage.joining(self.me, started_ms) if joins else Lineage.settled(self.me)
         self.netmap = NetMap(self.me, started_ms, self.lineage)
         self.seeker = Seeker(joins, grace)
-        self.monitor = None  # "host:port" of our monitor endpoint, if any (set before serving)
+        self.monitor = None  # "host:port" of our monitor endpoint, if any: see set_monitor
         self.resumes = None  # (our origin, first seq) when a durable counter resumed above 1
         self._resumes_seen = set()  # (origin, first) of others already applied to the intake
         self._parent = None  # the session of the link to our parent: we dialled it, it accepted
@@ -479,6 +479,12 @@ class State:
     def dial_wait(self, now):
         with self._locked:
             return self.seeker.wait_hint(now)
+
+    def set_monitor(self, address):
+        """Our monitor endpoint's "host:port": it rides in our map entry, for the others' maps."""
+        with self._locked:
+            self.monitor = address
+            self._map_update()
 
     def network(self):
         """The network map as plain data (for the monitor's /networkz and tests):
