@@ -6,6 +6,7 @@ import pytest
 
 import lockcheck
 from harness import LocalServer, ServerProcess, server_errors
+from netcut import Relay
 
 
 @pytest.fixture(autouse=True)
@@ -64,3 +65,27 @@ def make_process():
     yield make
     for process in reversed(processes):
         process.stop()
+
+
+@pytest.fixture
+def make_relay():
+    """``make_relay(target_port, **options)`` -> a ``netcut.Relay``, closed after the test."""
+    relays = []
+
+    def make(target_port, **options):
+        relay = Relay(target_port, **options)
+        relays.append(relay)
+        return relay
+
+    yield make
+    for relay in relays:
+        relay.close()
+
+
+@pytest.fixture
+def recorders():
+    """Recorders to close after the test: ``recorders.append(r)``."""
+    opened = []
+    yield opened
+    for recorder in opened:
+        recorder.close()

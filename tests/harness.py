@@ -42,11 +42,19 @@ def wait_until(predicate, timeout=TIMEOUT, interval=0.01, message="condition"):
 class LineClient:
     """A raw TCP peer speaking JSON lines, as a marking script or telnet user would."""
 
-    def __init__(self, port, host="127.0.0.1", timeout=TIMEOUT):
-        self.sock = socket.create_connection((host, port), timeout=timeout)
+    def __init__(self, port, host="127.0.0.1", timeout=TIMEOUT, sock=None):
+        self.sock = sock if sock is not None else socket.create_connection((host, port), timeout=timeout)
         self.timeout = timeout
         self._buffer = b""
         self.eof = False
+
+    @classmethod
+    def accepted(cls, listener, timeout=TIMEOUT):
+        """The next connection ``listener`` accepts, as a LineClient (to play a dialled server)."""
+        listener.settimeout(timeout)
+        sock, _address = listener.accept()
+        sock.settimeout(timeout)
+        return cls(None, timeout=timeout, sock=sock)
 
     # sending
     def send(self, message):

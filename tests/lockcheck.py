@@ -41,9 +41,11 @@ class TrackedLock:
         self._lock = threading.RLock()
         self._watch = watch
 
-    def acquire(self):
-        self._lock.acquire()
-        self._watch.held.depth = self._watch.depth() + 1
+    def acquire(self, blocking=True, timeout=-1):
+        taken = self._lock.acquire(blocking, timeout)
+        if taken:
+            self._watch.held.depth = self._watch.depth() + 1
+        return taken
 
     def release(self):
         self._watch.held.depth -= 1

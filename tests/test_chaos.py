@@ -4,19 +4,25 @@ that proves it converged (issue 3).
 The world: N servers in a tree. The root and one more are *stable* (never killed; frozen at
 times); the others are *unstable* (SIGKILLed and restarted on their port, frozen with SIGSTOP).
 Every link goes through a ``netcut.Relay``, so it can be cut (RST), black-holed (TCP open, bytes
-dropped: only the heartbeat notices) and healed; the dialling server redials through it. Clients
+dropped: only the heartbeat notices) and healed; the dialling server redials through it, and each
+new link's opening is split into segments delayed at random, both ways (``RandomSegments``), as a
+lossy network delivers it (issue 14). Clients
 log in before the servers link up (so no REDIRECT moves them): on every server a *sender*
 streaming numbered activities ({"sender": "<slot>.<incarnation>", "seq": n}) and an observer,
 plus extra observers on the stable servers. A client whose server is killed logs in again (a new
 incarnation, a new sender key). Meanwhile unique users are registered on random servers, and
 every few seconds one name is registered on two servers with two secrets at once (a conflict,
-often across a partition), and logged in under where that succeeded.
+often across a partition), and logged in under where that succeeded. And clients keep logging in
+to the stable servers (following a REDIRECT once: the stable servers hold more clients) and out
+again (LOGOUT, or just vanishing) after a moment: every login and logout is a load change
+announced to the neighbours, often in the middle of a link's opening.
 
 After the faults stop (everything healed, thawed, restarted) the network settles: every open
 client sends a probe and we wait until every open client has every probe. Then the checker:
 
-- every client (every incarnation): no activity id twice, and each sender's activities strictly
-  consecutive (no duplicate, no gap, no overtaking: per-origin order is what the design keeps);
+- every client (every incarnation, every short-lived one): no activity id twice, and each
+  sender's activities strictly consecutive (no duplicate, no gap, no overtaking: per-origin order
+  is what the design keeps);
 - every client connected from start to end: all of them received the very same activities, each
   sender's from its first one on, and every *required* activity. An activity is required when its
   sender saw it echoed and (a) the sender's server was not killed from then to the end (it keeps
@@ -48,7 +54,7 @@ from dataclasses import dataclass, field
 import pytest
 
 from harness import TIMEOUT, LineClient, wait_until
-from netcut import OPEN, Relay
+from netcut import DOWN, OPEN, UP, RandomSegments, Relay
 from recorder import REDIRECT_WAIT, Recorder, Redirected, log_in, try_login
 
 DEBUG = ("--log-level", "debug") if os.environ.get("CHAOS_DEBUG") else ()
@@ -63,6 +69,11 @@ CALM_CHANCE = 0.03  # per fault decision: no new faults until all end, then a qu
 REGISTER_EVERY = 0.25
 CONFLICT_EVERY = 3.0
 CLIENT_TIMEOUT = 10.0
+CHURN_EVERY = (0.2, 0.8)  # a short-lived client logs in to a stable server this often (s),
+#                           or where it redirects the client to
+CHURN_STAY = (0.05, 2.0)  # and stays this long
+SEGMENT_DELAY = 0.5  # at most this much delay for a segment of a link's opening (s)
+OPENING = 3.0  # the first seconds of each new link are split and delayed
 SETTLE_TIMEOUT = 90.0
 
 # (parent, stable) per server; server 0 is the root.
@@ -126,6 +137,8 @@ class World:
         self.slots = []
         self.registrations = []
         self.conflicts = []  # (name, [(node, secret, at, outcome, recorder or None)])
+        self.churned = []  # short-lived clients (Recorders), logged in and out during the run
+        self.churn_outcomes = {}  # "logout", "vanished", "redirected", "failed" -> count
         self.stop_clients = threading.Event()
         self.stop_users = threading.Event()
         self._lock = threading.Lock()  # guards registrations, conflicts, faults
@@ -136,6 +149,9 @@ class World:
             else:
                 node.relay = Relay(self.nodes[parent].process.port)
                 node.relay.cut()  # no links until every client has logged in: no redirects
+                for direction in (UP, DOWN):
+                    node.relay.shape(direction, RandomSegments(f"{seed}/{index}", max_delay=SEGMENT_DELAY,
+                                                               window=OPENING))
                 node.process = make_process(remote_port=node.relay.port, extra=DEBUG)
             self.port_to_node[node.process.port] = index
             self.nodes.append(node)
@@ -154,6 +170,8 @@ class World:
             for attempt in attempts:
                 if attempt[4] is not None:
                     attempt[4].close()
+        for recorder in self.churned:
+            recorder.close()
         for relay in self.relays():
             relay.close()
 
@@ -452,6 +470,42 @@ def conflicter(world, rng):
             world.conflicts.append((name, attempts))
 
 
+def churner(world, rng):
+    """Short-lived clients on the stable servers (see the module doc)."""
+    number = 0
+    stable = [node for node in world.nodes if node.stable]
+    while not world.stop_users.wait(rng.uniform(*CHURN_EVERY)):
+        node = rng.choice(stable)
+        if not (node.up and not node.frozen):
+            continue
+        name = f"churn{number}"
+        number += 1
+        recorder, outcome = None, "failed"  # frozen or killed meanwhile, or redirected twice
+        try:
+            recorder = log_in(node.process.port, name, timeout=CLIENT_TIMEOUT)
+        except Redirected as redirect:  # the stable servers hold more clients: follow it once
+            with world._lock:
+                world.churn_outcomes["redirected first"] = world.churn_outcomes.get("redirected first", 0) + 1
+            try:
+                recorder = log_in(redirect.port, name, timeout=CLIENT_TIMEOUT)
+            except (Redirected, OSError, AssertionError):
+                pass
+        except (OSError, AssertionError):
+            pass
+        if recorder is not None:
+            with world._lock:
+                world.churned.append(recorder)
+            world.stop_users.wait(rng.uniform(*CHURN_STAY))
+            if rng.random() < 0.5 and recorder.send({"command": "LOGOUT"}):
+                outcome = "logout"
+                wait_until(lambda: not recorder.open, CLIENT_TIMEOUT, message=f"{name} to be logged out")
+            else:
+                outcome = "vanished"
+            recorder.close()
+        with world._lock:
+            world.churn_outcomes[outcome] = world.churn_outcomes.get(outcome, 0) + 1
+
+
 # --- the run ------------------------------------------------------------------------------------
 
 def run_chaos(make_process, seed, seconds, tree, replay, dump=None):
@@ -491,8 +545,10 @@ def _run(world, seconds):
         slot.start()
     users = [world.guarded(registrar, world, random.Random(rng.random())),
              world.guarded(conflicter, world, random.Random(rng.random()))]
+    fault_rng = random.Random(rng.random())  # drawn before the churner's: old seeds keep their faults
+    users.append(world.guarded(churner, world, random.Random(rng.random())))
     faults_began = time.monotonic()
-    world.run_faults(seconds, random.Random(rng.random()))
+    world.run_faults(seconds, fault_rng)
     faults_ended = time.monotonic()
     world.stop_users.set()
     for thread in users:
@@ -551,6 +607,7 @@ class Checker:
         self.sent = [s for slot in world.slots for s in slot.sent]
         self.clients = [r for slot in world.slots for r in slot.incarnations]
         self.conflict_clients = [a[4] for _n, attempts in world.conflicts for a in attempts if a[4]]
+        self.churned = list(world.churned)
         self._required_reasons = {}
 
     @staticmethod
@@ -588,7 +645,7 @@ class Checker:
 
     def activity_failures(self):
         failures = []
-        for recorder in self.clients + self.conflict_clients:
+        for recorder in self.clients + self.conflict_clients + self.churned:
             failures += self.stream_failures(recorder)
         required = self.required()
         reference = None
@@ -692,6 +749,10 @@ class Checker:
             "conflicting names": f"{len(self.world.conflicts)} ({conflicts_gone} registered twice on "
                                  f"surviving servers, checked gone)",
             "conflict clients disconnected": sum(1 for r in self.conflict_clients if not r.open),
+            "short-lived clients on stable servers": dict(sorted(self.world.churn_outcomes.items())),
+            "deliveries to short-lived clients": sum(len(self.numbered(r)) for r in self.churned),
+            "opening segments delayed": sum(policy.delayed for relay in self.world.relays()
+                                            for policy in relay.policies()),
             "LOGIN checks of the registries": getattr(self, "user_checks", 0),
         }
 

@@ -21,7 +21,6 @@ from activitynet import protocol, recovery
 from activitynet.history import History
 from activitynet.state import State
 from harness import LineClient, wait_until
-from netcut import Relay
 from recorder import log_in_here, sequences, try_login, try_register
 
 LONG = 60.0  # generous: recovery on a slow, busy 2-core machine
@@ -31,29 +30,6 @@ LONG = 60.0  # generous: recovery on a slow, busy 2-core machine
 # instead of re-attaching around the cut; test_self_healing.py shows that healing.
 CABLE = ["--grace", "3600"]
 SILENCE_DETECTED = 8.0  # heartbeat silence (3 s) + one heartbeat period + scheduling slack
-
-
-@pytest.fixture
-def make_relay():
-    relays = []
-
-    def make(target_port):
-        relay = Relay(target_port)
-        relays.append(relay)
-        return relay
-
-    yield make
-    for relay in relays:
-        relay.close()
-
-
-@pytest.fixture
-def recorders():
-    """Recorders to close after the test: ``recorders.append(r)``."""
-    opened = []
-    yield opened
-    for recorder in opened:
-        recorder.close()
 
 
 def join(recorders, port, name, **kwargs):
