@@ -113,6 +113,17 @@ def received_on_links(servers, since=None):
     return total
 
 
+def quiet_count(servers, quiet=0.3):
+    """``received_on_links`` once it stayed the same for ``quiet`` seconds (nothing in flight)."""
+    last, since = received_on_links(servers), time.monotonic()
+    while time.monotonic() - since < quiet:
+        time.sleep(0.05)
+        now = received_on_links(servers)
+        if now != last:
+            last, since = now, time.monotonic()
+    return last
+
+
 def one_run(kind):
     """One tree, one kill; returns the run's figures."""
     servers = {}
@@ -170,8 +181,8 @@ def one_run(kind):
                 wrong += sum(1 for a, b in zip(seqs, seqs[1:]) if b <= a)
         resent = received_on_links(survivors, since=killed_at_wall)
         duplicates = sum(s.state.snapshot()["dedup"]["duplicates"] for s in survivors) - duplicates_before
-        # one broadcast after settling: how many links it crosses
-        before = received_on_links(survivors)
+        # one broadcast after settling: how many links it crosses (once nothing else is in flight)
+        before = quiet_count(survivors)
         probe = senders[alive[0]]
         probe.send(10**9)
         wait(lambda: all(any(q == 10**9 for _, q, _ in receivers[n].received()) for n in alive),
