@@ -30,7 +30,7 @@ CI_SECONDS = 20
 LONG_SECONDS = int(os.environ.get("CHAOS_SECONDS", "300"))
 FAULT_EVERY = (1.0, 4.0)  # seconds between faults, uniform
 SEND_EVERY = 0.1
-MAX_SERVERS = 9
+MAX_ALIVE = 7
 MIN_ALIVE = 3
 SETTLE_TIMEOUT = 90.0
 PARENTS = [None, 0, 0, 1, 2]  # the starting tree: server 0 is the root
@@ -100,7 +100,7 @@ class World:
         choices = []
         if len(alive) > MIN_ALIVE:
             choices += ["kill"] * 2
-        if len(self.members) < MAX_SERVERS:
+        if len(alive) < MAX_ALIVE:
             choices += ["join"]
         cuttable = [m for m in alive if m.relay is not None and m.relay.mode == "open"]
         if cuttable:
