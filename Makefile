@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
-SOURCES := setup.cfg setup.py $(wildcard activitynet/*.py activitynet/client/*.py schemas/*.json)
+SOURCES := setup.cfg setup.py $(wildcard activitynet/*.py activitynet/client/*.py activitynet/web/* schemas/*.json)
 SEED ?= $(shell date +%s)
 CHAOS_SECONDS ?= 300
 

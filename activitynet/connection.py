@@ -32,6 +32,7 @@ import time
 log = logging.getLogger(__name__)
 
 RECV_SIZE = 64 * 1024
+SLOW_CONSUMER = "slow consumer"  # the close reason of an outbox over its limit
 
 
 class LineTooLong(Exception):
@@ -185,7 +186,8 @@ class Connection:
     # Slots: a server may hold 10,000 idle connections, and every byte of each one counts.
     __slots__ = ("transport", "fileno", "poller", "outgoing", "max_line", "max_outbox", "name",
                  "last_heard", "_lock", "_chunks", "_queued", "_flushing", "_rest", "_drain_waiter",
-                 "_close_when_drained", "_too_slow", "closed", "close_reason", "__weakref__")
+                 "_close_when_drained", "_too_slow", "closed", "close_reason", "bytes_in", "bytes_out",
+                 "__weakref__")
 
     def __init__(self, transport, poller, outgoing, max_line, max_outbox, name=None):
         self.transport = transport
@@ -208,6 +210,10 @@ class Connection:
         self._too_slow = False  # over max_outbox: closed at the next flush
         self.closed = False
         self.close_reason = None
+        # Traffic, for the monitor: bytes_in is written only by the reader thread, bytes_out
+        # only under self._lock; ``State`` adds both to its counters when the session closes.
+        self.bytes_in = 0
+        self.bytes_out = 0
 
     def __repr__(self):
         return f"<Connection {self.name}>"
@@ -233,6 +239,7 @@ class Connection:
                     yield [pending.rstrip(b"\r")]
                 break
             self.last_heard = time.monotonic()
+            self.bytes_in += len(data)
             if pending:
                 data = pending + data
             lines = data.split(b"\n")
@@ -291,8 +298,8 @@ class Connection:
                     self._chunks.clear()
         if data is None:
             log.warning("%s is too slow to read its messages (%d bytes queued); disconnecting",
-                        self.name, self._queued)
-            self.close("slow consumer")
+                        self.name, self._queued, extra={"conn": self.name})
+            self.close(SLOW_CONSUMER)
             return
         view = memoryview(data)
         send_some = self.transport.send_some
@@ -306,6 +313,7 @@ class Connection:
                     return
             with self._lock:
                 self._queued -= sent
+                self.bytes_out += sent
                 view = view[sent:]
                 if not view and self._chunks:
                     view = memoryview(b"".join(self._chunks))

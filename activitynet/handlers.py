@@ -70,10 +70,10 @@ def handle_activity_message(ctx, session, message):
 
 def handle_authenticate(ctx, session, message):
     if session.role == SERVER:
-        raise InvalidMessage("AUTHENTICATE on a link that is already authenticated")
+        raise InvalidMessage("AUTHENTICATE on a link that is already authenticated", kind="not_allowed")
     if message["secret"] != ctx.secret:
         raise AuthenticationFail(f"the supplied secret is incorrect: {message['secret']}")
-    log.info("server %s authenticated", session.address)
+    log.info("server %s authenticated", session.address, extra={"conn": session.address})
     ctx.trust_as_server(session)
     ctx.state.accept_link(session)
 
@@ -83,7 +83,8 @@ def handle_server_announce(ctx, session, message):
     lineage = message.get("lineage")
     lineage = Lineage.from_wire(lineage) if lineage is not None else None
     if ctx.state.peer_announced(session, int(message["load"]), hostname, port, lineage, message.get("map")):
-        log.info("server link %s is %s:%s", session.address, hostname, port)
+        log.info("server link %s is %s:%s", session.address, hostname, port,
+                 extra={"conn": session.address, "peer": f"{hostname}:{port}"})
 
 
 def handle_activity_broadcast(ctx, session, message):
@@ -115,7 +116,7 @@ def handle_bundle(ctx, session, message):
     a connection, provided it starts with AUTHENTICATE."""
     first = message["messages"][0] if message["messages"] else {}
     if session.role == NEW and first.get("command") != "AUTHENTICATE":
-        raise InvalidMessage("a BUNDLE before AUTHENTICATE must start with AUTHENTICATE")
+        raise InvalidMessage("a BUNDLE before AUTHENTICATE must start with AUTHENTICATE", kind="not_allowed")
     for inner in message["messages"]:
         dispatch_message(ctx, session, inner)
 
@@ -124,15 +125,18 @@ def handle_bundle(ctx, session, message):
 
 def handle_invalid_message(ctx, session, message):
     if session.role == SERVER and message.get("refused"):  # the re-attachment rule: try the next
-        log.info("server %s refused the link (%s): %s", session.address, message["refused"], message["info"])
+        log.info("server %s refused the link (%s): %s", session.address, message["refused"], message["info"],
+                 extra={"conn": session.address})
     elif session.role == SERVER:
-        log.error("server %s rejected our message: %s", session.address, message["info"])
+        log.error("server %s rejected our message: %s", session.address, message["info"],
+                  extra={"conn": session.address})
     raise Goodbye(f"peer sent INVALID_MESSAGE: {message['info']}")
 
 
 def handle_authentication_fail(ctx, session, message):
     if session.role == SERVER:
-        log.error("server %s refused our secret: %s", session.address, message["info"])
+        log.error("server %s refused our secret: %s", session.address, message["info"],
+                  extra={"conn": session.address})
         ctx.state.peer_refused(session)
     raise Goodbye(f"peer sent AUTHENTICATION_FAIL: {message['info']}")
 
@@ -171,19 +175,30 @@ def dispatch_line(ctx, session, line):
     """Handle one received line. Heartbeats are ignored where a server link may send them."""
     if line == protocol.HEARTBEAT_LINE and session.role != CLIENT:
         return
-    dispatch_message(ctx, session, protocol.decode(line))
+    try:
+        message = protocol.decode(line)
+    except InvalidMessage as exc:
+        exc.kind = "not_json"
+        raise
+    dispatch_message(ctx, session, message)
 
 
 def dispatch_message(ctx, session, message):
     command = message.get("command")
     if command is None:
-        raise InvalidMessage("the message has no 'command' field")
+        raise InvalidMessage("the message has no 'command' field", kind="schema")
     if not isinstance(command, str):
-        raise InvalidMessage(f"the field 'command' must be a string, not {protocol.type_name(command)}")
+        raise InvalidMessage(f"the field 'command' must be a string, not {protocol.type_name(command)}",
+                             kind="schema")
     handler = HANDLERS_BY_ROLE[session.role].get(command)
     if handler is None:
-        raise InvalidMessage(_refusal(session.role, command))
-    schemas.validate(message)
+        known = command in schemas.COMMANDS or command in SERVER_HANDLERS or command in CLIENT_HANDLERS
+        raise InvalidMessage(_refusal(session.role, command), kind="not_allowed" if known else "unknown_command")
+    try:
+        schemas.validate(message)
+    except InvalidMessage as exc:
+        exc.kind = "schema"
+        raise
     handler(ctx, session, message)
 
 

@@ -65,17 +65,18 @@ class Dialer(_Worker):
                 tries = self._failures[address] = self._failures.get(address, 0) + 1
                 # A long partition must not flood the log: the first failure, then about one a minute.
                 level = logging.WARNING if tries == 1 or tries % 60 == 0 else logging.DEBUG
-                log.log(level, "cannot reach server %s (%s, try %d)", address, exc.strerror or exc, tries)
+                log.log(level, "cannot reach server %s (%s, try %d)", address, exc.strerror or exc, tries,
+                        extra={"peer": address})
                 state.dial_ended(None, time.monotonic())
                 continue
             self._failures.pop(address, None)
-            log.info("connected to server %s%s", address, " (alone)" if alone else "")
+            log.info("connected to server %s%s", address, " (alone)" if alone else "", extra={"peer": address})
             session, reason = self.serve_link(sock, address)
             state.dial_ended(session, time.monotonic())
             if session is not None and session.link is not None and session.link.refused:
-                log.error("server %s refused our secret; not redialling it", address)
+                log.error("server %s refused our secret; not redialling it", address, extra={"peer": address})
             elif not stopping.is_set():
-                log.warning("link to server %s ended (%s)", address, reason)
+                log.warning("link to server %s ended (%s)", address, reason, extra={"peer": address})
 
 
 class Heartbeat(_Worker):
@@ -90,5 +91,6 @@ class Heartbeat(_Worker):
         while not self.stopping.wait(HEARTBEAT_EVERY):
             now = time.monotonic()
             for outbox in self.state.tick(now, SILENCE):
-                log.warning("server link %s silent for %.1f s; closing it", outbox.name, now - outbox.last_heard)
+                log.warning("server link %s silent for %.1f s; closing it", outbox.name, now - outbox.last_heard,
+                            extra={"conn": outbox.name})
                 outbox.close("silent")

@@ -117,6 +117,12 @@ class ProtocolError(Exception):
 
 class InvalidMessage(ProtocolError):
     command = "INVALID_MESSAGE"
+    kind = "other"  # why, as one of stats.INVALID_REASONS (counted by the monitor)
+
+    def __init__(self, info, kind=None):
+        super().__init__(info)
+        if kind is not None:
+            self.kind = kind
 
 
 class Refused(InvalidMessage):

@@ -42,10 +42,11 @@ The order holds whatever arrives when (a delayed TCP segment, a login during the
    going live on it is for the Java acceptor, which announces and never asks.
 4. Nothing is forwarded on a link before the peer's backlog: our answer to its ACTIVITY_RETRIEVE,
    or, for a peer that announced without asking, what arrived since the link came up. A peer
-   that neither asked nor announced within ``LIVE_AFTER`` seconds may only be slow (its opening
-   held up in the network), so it gets the whole history in order (``tick``), on either side: its
-   late request then brings only repeats it drops, never something older after something newer,
-   which its de-duplication by per-origin sequence number would drop for good.
+   that neither asked nor announced, nor sent an activity, for ``LIVE_AFTER`` seconds may only
+   be slow (its opening held up in the network), so it gets the whole history in order
+   (``tick``), on either side: its late request then brings only repeats it drops, never
+   something older after something newer, which its de-duplication by per-origin sequence
+   number would drop for good.
 
 Without rule 2, an acceptor's load announce sent during the opening made the initiator go live
 on it and forward new activities before the acceptor's ACTIVITY_RETRIEVE asked for the backlog;
@@ -59,6 +60,7 @@ from . import protocol
 from .dedup import peer_lacks
 
 LIVE_AFTER = 1.0
+QUIET_LIMIT = 10.0  # a peer that keeps sending activities but never asks nor announces
 
 
 class Step(enum.Enum):
@@ -76,15 +78,16 @@ class Step(enum.Enum):
 class Link:
     """One server link's progress through the routine (see the module docstring)."""
 
-    __slots__ = ("initiator", "peer_key", "start_no", "opened_at", "since", "asked", "live",
-                 "refused", "load", "hostname", "port", "activities_sent", "activities_received",
-                 "map_gen", "was_parent")
+    __slots__ = ("initiator", "peer_key", "start_no", "opened_at", "heard_at", "since", "asked",
+                 "live", "refused", "load", "hostname", "port", "activities_sent",
+                 "activities_received", "map_gen", "was_parent")
 
     def __init__(self, initiator, peer_key, start_no, now):
         self.initiator = initiator
         self.peer_key = peer_key  # "host:port" of the peer's listener, once known
         self.start_no = start_no  # history number when the link came up
         self.opened_at = now  # monotonic
+        self.heard_at = now  # monotonic: when the peer last sent an activity (or the link opened)
         self.since = time.time()  # wall clock, for people
         self.asked = False
         self.live = False
@@ -147,19 +150,31 @@ class Link:
         return (Step.ANSWER,)
 
     def tick(self, now):
-        """The heartbeat's clock. ``LIVE_AFTER`` seconds passed and the peer neither asked for
-        history nor announced itself: finish our half anyway, and send it the whole history, in
-        order, then live (rule 4).
+        """The heartbeat's clock. The peer neither asked for history nor announced itself, and
+        sent no activity, for ``LIVE_AFTER`` seconds (or ``QUIET_LIMIT`` passed since the link
+        came up): finish our half anyway, and send it the whole history, in order, then live
+        (rule 4).
 
         The peer may just be slow (busy, or its opening held up in the network) and ask later.
         Sending it only what arrived since the link came up would put those activities *before*
         the older ones its ACTIVITY_RETRIEVE asks for, and it would drop the older ones as already
         seen. The whole history is a superset it de-duplicates, with nothing out of order. A peer
-        that never asks (a test's fake server, say) still gets every activity."""
-        if self.live or self.refused or now - self.opened_at < LIVE_AFTER:
+        that never asks (a test's fake server, say) still gets every activity.
+
+        A peer still sending us activities is not quiet: our own acceptor's ACTIVITY_RETRIEVE
+        comes right after its answer to ours, which can take seconds to read on a busy machine
+        (20,000 activities); replaying the history to it meanwhile would only double the bytes."""
+        if self.live or self.refused:
+            return ()
+        if now - self.heard_at < LIVE_AFTER and now - self.opened_at < QUIET_LIMIT:
             return ()
         self.live = True
         return (*self._acceptor_turn(), Step.REPLAY)
+
+    def peer_sent_activity(self, now):
+        """An ACTIVITY_BROADCAST from the peer: it is busy, not quiet (see ``tick``)."""
+        self.activities_received += 1
+        self.heard_at = now
 
     def peer_refused(self):
         """The peer answered AUTHENTICATION_FAIL: our secret is wrong for it."""

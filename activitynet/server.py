@@ -24,11 +24,16 @@ Options (the Project 1 flag in brackets):
   --max-outbox=BYTES        unsent bytes after which a client is too slow and is
                             disconnected [default: 16777216]
   --log-level=LEVEL         debug, info, warning or error [default: info]
+  --log-format=FORMAT       text (for people) or json (one object per line) [default: text]
+  --monitor-port=PORT       serve the monitoring pages (/varz, /metrics, the live map ...)
+                            on this port; 0 picks a free one (default: no monitor)
+  --monitor-bind=ADDRESS    address the monitor listens on [default: 127.0.0.1]
   -h --help                 show this text
 
 Design: a blocking accept loop starts one thread per connection (see ``run_connection``); all
 shared state is in one ``State`` behind one lock; writes go through each connection's outbox
-(see ``connection``). The heartbeat and the dialler run in threads of their own (``links``).
+(see ``connection``). The heartbeat and the dialler run in threads of their own (``links``), and
+so does the monitor (``monitor``), which reads the server through a ``MonitorView``.
 """
 
 import dataclasses
@@ -41,9 +46,10 @@ import sys
 import threading
 import time
 
-from . import cli, handlers
+from . import __version__, cli, handlers, logs, stats
 from .connection import Connection, LineTooLong, PlainTransport, Poller
 from .links import Dialer, Heartbeat
+from .monitor import Monitor
 from .protocol import InvalidMessage, ProtocolError, encode
 from .state import State
 
@@ -83,6 +89,17 @@ class Settings:
     server_max_line: int = SERVER_MAX_LINE
     server_max_outbox: int = SERVER_MAX_OUTBOX
     log_level: str = "info"
+    log_format: str = "text"
+    monitor_port: int | None = None  # None: no monitor
+    monitor_bind: str = "127.0.0.1"
+
+
+# Settings never shown by the monitor (/varz lists the others).
+SECRET_SETTINGS = frozenset({"secret"})
+
+
+class StartError(Exception):
+    """The server cannot start (a port is taken, say); the message says which and why."""
 
 
 class Server:
@@ -98,21 +115,39 @@ class Server:
     def __init__(self, settings):
         self.settings = settings
         self.secret = settings.secret or generate_secret()
+        self.started_at = time.time()
         self.stopping = threading.Event()
         self._stopped = threading.Event()  # set while serve_forever is not running
         self._stopped.set()
+        self.counters = stats.Counters()
+        # Plug-in points for the monitor: callables returning what is wrong (a string) or None
+        # (a durable store's status, say), and the network map (see ``MonitorView``).
+        self.health_checks = []
+        self.network_map = None  # set to the state's once it exists
         self.listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         self.listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             self.listener.bind((settings.bind, settings.local_port))
-        except OSError:
+        except OSError as exc:
             self.listener.close()
-            raise
+            raise StartError(f"cannot listen on {settings.bind}:{settings.local_port}: "
+                             f"{exc.strerror or exc}") from exc
         self.listener.listen(LISTEN_BACKLOG)
         self.port = self.listener.getsockname()[1]
         joins = ([(settings.remote_host, settings.remote_port)] if settings.remote_host else []) + settings.joins
         self.state = State(settings.local_host, self.port, history_size=settings.history,
-                           joins=[f"{host}:{port}" for host, port in joins], grace=settings.grace)
+                           counters=self.counters, joins=[f"{host}:{port}" for host, port in joins],
+                           grace=settings.grace)
+        self.monitor = None
+        if settings.monitor_port is not None:
+            try:
+                self.monitor = Monitor(MonitorView(self), settings.monitor_bind, settings.monitor_port)
+            except OSError as exc:
+                self.listener.close()
+                raise StartError(f"cannot listen for the monitor on {settings.monitor_bind}:"
+                                 f"{settings.monitor_port}: {exc.strerror or exc}") from exc
+            self.state.set_monitor(f"{settings.local_host}:{self.monitor.address[1]}")  # in our map entry
+        self.network_map = self.state.network  # issue 9's map, for the monitor's /networkz
         self.poller = Poller()
         self.context = handlers.Context(self.state, self.secret, self._trust_as_server)
         self._conns_lock = threading.Lock()  # guards _conns
@@ -132,6 +167,8 @@ class Server:
             self._stopped.set()
 
     def _accept_loop(self):
+        if self.monitor is not None:
+            self.monitor.start()  # logs "monitor on http://host:port/" before we say we listen
         log.info("listening on %s:%d (announced as %s:%d)", self.settings.bind, self.port, *self.address)
         for thread in self._threads:
             thread.start()
@@ -146,6 +183,7 @@ class Server:
                 self.stopping.wait(0.05)
                 continue
             number += 1
+            self.counters.connections_accepted += 1  # only this thread bumps it
             # The connection and its session are made here, and the thread runs _serve itself:
             # one frame less on each of thousands of reader threads' stacks is a page of memory
             # each (about 4 KiB a client, measured with 2,000 idle clients).
@@ -198,14 +236,16 @@ class Server:
                     break
         except LineTooLong as exc:
             ending = _ending_for(InvalidMessage(
-                f"line of {exc.args[0]} bytes or more is longer than the limit of {conn.max_line} bytes"))
+                f"line of {exc.args[0]} bytes or more is longer than the limit of {conn.max_line} bytes",
+                kind="line_too_long"))
+            self.state.count_invalid("line_too_long")
         except Exception:
-            log.exception("error serving %s; closing it", conn.name)
+            log.exception("error serving %s; closing it", conn.name, extra={"conn": conn.name})
             conn.close("internal error")
         finally:
             if ending is not None:
                 data, reason = ending
-                log.info("closing %s: %s", conn.name, reason)
+                log.info("closing %s: %s", conn.name, reason, extra={"conn": conn.name})
                 conn.finish(data, reason) if data else conn.close(reason)
             conn.close("peer closed")
             self.state.close_session(session)
@@ -220,6 +260,8 @@ class Server:
             try:
                 handlers.dispatch_line(self.context, session, line)
             except (ProtocolError, handlers.Goodbye) as exc:
+                if isinstance(exc, InvalidMessage):
+                    self.state.count_invalid(exc.kind)
                 return _ending_for(exc)
         return None
 
@@ -247,7 +289,7 @@ class Server:
 
     def server_close(self):
         """Release the listener, join the threads this server started (``JOIN_TIMEOUT`` in all),
-        stop the poller."""
+        stop the monitor (which answers /healthz 503 until then) and the poller."""
         self.request_shutdown()
         self.listener.close()
         deadline = time.monotonic() + self.JOIN_TIMEOUT
@@ -256,7 +298,63 @@ class Server:
         for worker in [*self._threads, *threads]:
             if worker is not threading.current_thread():
                 worker.join(max(0.0, deadline - time.monotonic()))
+        if self.monitor is not None:
+            self.monitor.stop(timeout=max(0.5, deadline - time.monotonic()))
         self.poller.close()
+
+    def public_settings(self):
+        """The settings in force, for the monitor: everything but secrets."""
+        return {name: value for name, value in dataclasses.asdict(self.settings).items()
+                if name not in SECRET_SETTINGS}
+
+
+class MonitorView:
+    """What the monitor reads of a server (``monitor.Source``): copies, never live structures.
+
+    The network map plugs in here: ``server.network_map``, once set, is a callable returning
+    ``{"servers": [{"address": "h:p", "load": n, "monitor": "h:p" or None, "alive": bool}],
+    "links": [{"a": "h:p", "b": "h:p"}], "root": "h:p" or None}`` (or None while it knows
+    nothing); until then /networkz shows this server and its neighbours. Health checks plug in
+    through ``server.health_checks`` (see ``health``)."""
+
+    # Summing every connection's bytes costs O(connections) under the state lock (a few ms with
+    # 10,000 clients), so a total is reused for this long: the monitor's sampler refreshes it
+    # every second, and a scrape in between costs O(links).
+    TRAFFIC_FRESH = 1.0
+
+    def __init__(self, server):
+        self.server = server
+        self.counters = server.counters
+        self.stopping = server.stopping
+        self._traffic_lock = threading.Lock()  # guards _traffic, _traffic_at
+        self._traffic = (0, 0)
+        self._traffic_at = None
+
+    def snapshot(self, clients=True):
+        snapshot = self.server.state.snapshot(clients=clients)
+        snapshot.update(version=__version__, started_at=self.server.started_at,
+                        settings=self.server.public_settings())
+        return snapshot
+
+    def counter_values(self):
+        """The counters since start as plain data, with the bytes of open connections added
+        (at most ``TRAFFIC_FRESH`` seconds old; never smaller than a total given before)."""
+        values = self.counters.as_dict()
+        with self._traffic_lock:
+            now = time.monotonic()
+            if self._traffic_at is None or now - self._traffic_at >= self.TRAFFIC_FRESH:
+                self._traffic, self._traffic_at = self.server.state.traffic(), now
+            values["bytes_in"], values["bytes_out"] = self._traffic
+        return values
+
+    def health(self):
+        """None while healthy, else what is failing (e.g. a durable store's error)."""
+        problems = [problem for problem in (check() for check in self.server.health_checks) if problem]
+        return "; ".join(problems) or None
+
+    def network(self):
+        network_map = self.server.network_map
+        return network_map() if network_map is not None else None
 
 
 def _ending_for(exc):
@@ -286,6 +384,14 @@ def parse_settings(argv):
     level = args["--log-level"].lower()
     if level not in LOG_LEVELS:
         raise cli.UsageError(f"--log-level must be one of {', '.join(LOG_LEVELS)}, not {level!r}")
+    log_format = args["--log-format"].lower()
+    if log_format not in logs.FORMATS:
+        raise cli.UsageError(f"--log-format must be one of {', '.join(logs.FORMATS)}, not {log_format!r}")
+    monitor_port = args["--monitor-port"]
+    if monitor_port is not None:
+        monitor_port = cli.port(monitor_port, "--monitor-port")
+    if not args["--monitor-bind"].strip():
+        raise cli.UsageError("--monitor-bind must not be empty")
     remote_host = args["--remote-host"]
     if remote_host is not None and not remote_host.strip():
         raise cli.UsageError("-rh/--remote-host must not be empty")
@@ -306,6 +412,9 @@ def parse_settings(argv):
         max_line=cli.positive_int(args["--max-line"], "--max-line", minimum=64),
         max_outbox=cli.positive_int(args["--max-outbox"], "--max-outbox", minimum=1024),
         log_level=level,
+        log_format=log_format,
+        monitor_port=monitor_port,
+        monitor_bind=args["--monitor-bind"],
     )
 
 
@@ -324,17 +433,14 @@ def run(argv, stdout=sys.stdout, stderr=sys.stderr):
     settings, status = cli.settle("activitynet.server", __doc__, parse_settings, argv, stdout, stderr)
     if settings is None:
         return status
-    logging.basicConfig(
-        level=settings.log_level.upper(), stream=stderr,
-        format="%(asctime)s %(levelname)s [%(threadName)s] %(name)s: %(message)s")
+    logs.configure(settings.log_level, settings.log_format, stderr)
     raise_open_files_limit()
     threading.stack_size(THREAD_STACK)
     sys.setswitchinterval(SWITCH_INTERVAL)
     try:
         server = Server(settings)
-    except OSError as exc:
-        print(f"activitynet.server: cannot listen on {settings.bind}:{settings.local_port}: "
-              f"{exc.strerror or exc}", file=stderr)
+    except StartError as exc:
+        print(f"activitynet.server: {exc}", file=stderr)
         return 1
     if settings.secret is None:
         print(f"generated secret: {server.secret}", file=stdout, flush=True)

@@ -16,20 +16,25 @@ Ordering guarantees rest on two rules kept here:
 - history, and the order each peer is sent activities in, are decided under the lock;
 - a new server link receives live activities only once it has been sent its backlog (see
   ``recovery``), so no activity overtakes an older one from its sender.
+
+The counters since start (``stats.Counters``, read by the monitor) are bumped here, under the
+lock, where the events are decided; a connection's bytes are counted by the connection itself and
+added when its session closes (``traffic`` sums both).
 """
 
+import collections
 import itertools
 import threading
 import time
 
-from . import netmap, protocol, recovery
-from .connection import Outgoing
+from . import netmap, protocol, recovery, stats
+from .connection import SLOW_CONSUMER, Outgoing
 from .dedup import Intake
 from .history import History
 from .netmap import Lineage, NetMap, Seeker
 from .protocol import AuthenticationFail, InvalidMessage, LoginFailed, Refused, RegisterFailed, encode
 from .recovery import Step
-from .session import CLIENT, NEW, SERVER, Session
+from .session import CLIENT, SERVER, Session
 from .users import Users
 
 ANONYMOUS = "anonymous"
@@ -43,10 +48,13 @@ class State:
     """Sessions, clients, links, users and history of one server; see the module docstring."""
 
     def __init__(self, hostname, port, history_size=100_000, origin=None, clock_slack=CLOCK_SLACK,
-                 users=None, history=None, outgoing=None, lock=None, joins=(), grace=netmap.GRACE):
+                 users=None, history=None, outgoing=None, lock=None, counters=None, joins=(),
+                 grace=netmap.GRACE):
         self.outgoing = outgoing or Outgoing()
         self._locked = self.outgoing.holding(lock or threading.RLock())  # see the module doc
         self.clock_slack = clock_slack
+        self.counters = stats.Counters() if counters is None else counters
+        self._closed_bytes = [0, 0]  # bytes in, out of the connections already closed
         self._newest_login = 0.0  # wall-clock time of the latest login (only ever grows)
         self.hostname = hostname
         self.port = port
@@ -72,6 +80,7 @@ class State:
         self._peers = recovery.PeerMemory()
         self._sessions = {}  # every open session (dict as ordered set)
         self._clients = {}  # logged-in client sessions, in login order
+        self._names = collections.Counter()  # username -> its logged-in sessions (for the monitor)
         self._links = {}  # authenticated server sessions -> their recovery.Link
 
     # --- sessions --------------------------------------------------------------------------
@@ -86,8 +95,17 @@ class State:
     def close_session(self, session):
         """Forget a closed connection: a client's load, a server's link."""
         with self._locked:
-            self._sessions.pop(session, None)
+            if self._sessions.pop(session, None) is None:
+                return
+            outbox = session.outbox
+            self._closed_bytes[0] += getattr(outbox, "bytes_in", 0)
+            self._closed_bytes[1] += getattr(outbox, "bytes_out", 0)
+            if getattr(outbox, "close_reason", None) == SLOW_CONSUMER:
+                self.counters.slow_consumers_cut += 1
             if self._clients.pop(session, None) is not None:
+                self._names[session.username] -= 1
+                if not self._names[session.username]:
+                    del self._names[session.username]
                 self._announce_load()
             link = self._links.pop(session, None)
             if link is not None:
@@ -102,7 +120,8 @@ class State:
     def register_user(self, session, username, secret):
         with self._locked:
             if session.logged_in:
-                raise InvalidMessage(f"REGISTER is not allowed once logged in (logged in as {session.username})")
+                raise InvalidMessage(f"REGISTER is not allowed once logged in (logged in as {session.username})",
+                                     kind="not_allowed")
             if username == ANONYMOUS or username in self._users:
                 raise RegisterFailed(f"{username} is already registered with the system")
             if self._users.is_blocked(username):
@@ -110,6 +129,7 @@ class State:
                                      "with different secrets and is blocked network-wide")
             session.role = CLIENT
             self._users.add(username, secret)
+            self.counters.registrations += 1
             session.send(encode(protocol.info_message("REGISTER_SUCCESS", f"register success for {username}")))
             self._to_links(encode(protocol.new_user(username, secret)))
 
@@ -117,26 +137,27 @@ class State:
         """Log ``session`` in; returns a (hostname, port) to redirect it to, or None."""
         with self._locked:
             if session.logged_in:
-                raise InvalidMessage(f"LOGIN on a connection already logged in as {session.username}")
+                raise InvalidMessage(f"LOGIN on a connection already logged in as {session.username}",
+                                     kind="not_allowed")
             if username != ANONYMOUS:
-                known = self._users.secret_of(username)
-                if known is None:
-                    raise LoginFailed(f"attempt to login with wrong secret: {username} is not registered")
-                if secret is None:
-                    raise LoginFailed(f"attempt to login with wrong secret: no secret given for {username}")
-                if known != secret:
-                    raise LoginFailed("attempt to login with wrong secret")
+                refusal = login_refusal(username, self._users.secret_of(username), secret)
+                if refusal is not None:
+                    self.counters.login_failures += 1
+                    raise LoginFailed(refusal)
             session.role = CLIENT
             session.send(encode(protocol.info_message("LOGIN_SUCCESS", f"logged in as user {username}")))
             target = redirect_target(len(self._clients) + 1, self._neighbour_loads())
             if target is not None:
+                self.counters.redirects += 1
                 return target
+            self.counters.logins += 1
             session.logged_in = True
             session.logged_in_at = time.time()
             self._newest_login = max(self._newest_login, session.logged_in_at)
             session.username = username
             session.secret = secret
             self._clients[session] = True
+            self._names[username] += 1
             self._announce_load()
             return None
 
@@ -156,6 +177,7 @@ class State:
             activity_id = protocol.make_id(self.origin, seq, sent_ms)
             line = encode(protocol.activity_broadcast(activity, activity_id))
             self._intake.sent(self.origin, seq)
+            self.counters.activities_from_clients += 1
             self._publish(activity_id, line, source=None)
 
     def load(self):
@@ -251,15 +273,23 @@ class State:
         with self._locked:
             link = self._links.get(session)
             if link is not None:
-                link.activities_received += 1
+                link.peer_sent_activity(time.monotonic())
                 if link.peer_key is not None:
                     self._peers.heard(link.peer_key, activity_id)
             parsed = protocol.parse_id(activity_id)
             if parsed is None and activity_id in self._history:
+                self.counters.activities_deduplicated += 1
                 return False
+            duplicates = self._intake.duplicates
             # held back while an earlier one of its sender is missing, so possibly none or several
             items = self._intake.receive(activity_id, parsed, (activity, activity_id, parsed, session),
                                          time.monotonic())
+            if self._intake.duplicates != duplicates:
+                self.counters.activities_deduplicated += 1
+                return False
+            self.counters.activities_from_servers += 1
+            if link is not None and parsed is not None and parsed[2] < link.since * 1000:
+                self.counters.activities_recovered += 1  # sent before this link came up: its backlog
             for item in items:
                 self._publish_item(item)
             return bool(items)
@@ -298,13 +328,25 @@ class State:
         with self._locked:
             return self._users.users(), self._users.blocked()
 
-    def snapshot(self):
-        """The state as plain data, for the status endpoint and tests (shape in ARCH.md)."""
+    def snapshot(self, clients=True):
+        """The state as plain data, for the monitor and tests (shape in ARCH.md). With
+        ``clients=False`` the "clients" list is left out, and with a ``slice`` it holds only
+        those clients (in login order): copying 10,000 client records costs milliseconds under
+        the lock, and the monitor shows a page at most. "client_count" and
+        "client_bytes_queued" are always there. Apart from that sum, the cost does not grow
+        with the number of clients."""
         now = time.monotonic()
         with self._locked:
-            clients = [{"id": s.id, "address": s.address, "user": s.username, "since": s.logged_in_at,
+            if clients is True:
+                chosen = self._clients
+            elif isinstance(clients, slice):
+                chosen = itertools.islice(self._clients, clients.start, clients.stop)
+            else:
+                chosen = ()
+            records = [{"id": s.id, "address": s.address, "user": s.username, "since": s.logged_in_at,
                         "messages_in": s.messages_in, "messages_out": s.messages_out,
-                        "bytes_queued": s.outbox.queued_bytes()} for s in self._clients]
+                        "bytes_queued": s.outbox.queued_bytes()} for s in chosen]
+            client_bytes_queued = sum([s.outbox.queued_bytes() for s in self._clients])
             links = [{"id": s.id, "address": s.address,
                       "peer": f"{link.hostname}:{link.port}" if link.announced else None,
                       "initiator": link.initiator, "since": link.since, "phase": link.phase,
@@ -313,17 +355,39 @@ class State:
                       "activities_sent": link.activities_sent,
                       "activities_received": link.activities_received}
                      for s, link in self._links.items()]
-            pending = sum(1 for s in self._sessions if s.role == NEW or (s.role == CLIENT and not s.logged_in))
-            return {
+            # not yet logged in or authenticated: every session is one of those, a logged-in
+            # client or a server link
+            pending = len(self._sessions) - len(self._clients) - len(self._links)
+            snapshot = {
                 "origin": self.origin, "hostname": self.hostname, "port": self.port,
-                "clients": clients, "links": links,
+                "client_count": len(self._clients), "client_bytes_queued": client_bytes_queued,
+                "links": links,
                 "users": len(self._users), "blocked": len(self._users.blocked()),
-                "logged_in_names": len({s.username for s in self._clients}),
+                "logged_in_names": len(self._names),
                 "history": {"entries": len(self._history), "bytes": self._history.bytes},
                 "dedup": {"duplicates": self._intake.duplicates, "held": self._intake.order.held,
                           "late": self._intake.order.late, "given_up": self._intake.order.given_up},
                 "pending": pending,
             }
+        if clients is True or isinstance(clients, slice):
+            snapshot["clients"] = records
+        return snapshot
+
+    def traffic(self):
+        """(bytes read, bytes written) on every connection since start, closed ones included."""
+        with self._locked:
+            bytes_in, bytes_out = self._closed_bytes
+            for session in self._sessions:
+                bytes_in += session.outbox.bytes_in
+                bytes_out += session.outbox.bytes_out
+            return bytes_in, bytes_out
+
+    def count_invalid(self, kind):
+        """A connection was refused with INVALID_MESSAGE of ``kind`` (``stats.INVALID_REASONS``)."""
+        with self._locked:
+            reasons = self.counters.invalid_messages
+            kind = kind if kind in reasons else "other"
+            reasons[kind] += 1
 
     def has_activity(self, activity_id):
         with self._locked:
@@ -332,6 +396,7 @@ class State:
     # --- internals (call with the lock held) -----------------------------------------------
 
     def _new_link(self, session, link):
+        self.counters.recoveries_run += 1  # every new link runs the routine (see recovery)
         session.role = SERVER
         session.link = link
         self._links[session] = link
@@ -363,6 +428,7 @@ class State:
                 for _number, _id, line in entries:
                     session.send(line)
                 link.activities_sent += len(entries)
+                self.counters.activities_relayed += len(entries)
 
     def _learn_user(self, session, username, secret):
         if self._users.is_blocked(username):
@@ -398,19 +464,23 @@ class State:
         ids) lets an old one recovered from history skip clients that logged in after it."""
         self._history.add(activity_id, line)
         # The hot loop: a session's send inlined (count, queue), one frame less per delivery.
+        counters = self.counters
         if sent is None or sent >= self._newest_login - self.clock_slack:
             for client in self._clients:
                 client.messages_out += 1
                 client.outbox.send(line)
+            counters.activities_delivered += len(self._clients)
         else:
             for client in self._clients:
                 if client.logged_in_at - self.clock_slack <= sent:
                     client.messages_out += 1
                     client.outbox.send(line)
+                    counters.activities_delivered += 1
         for session, link in self._links.items():
             if link.live and session is not source:
                 session.send(line)
                 link.activities_sent += 1
+                counters.activities_relayed += 1
 
     def _to_links(self, line, exclude=None):
         for session in self._links:
@@ -487,11 +557,13 @@ class State:
             self._map_update()
 
     def network(self):
-        """The network map as plain data (for the monitor's /networkz and tests):
-        {"me": "h:p", "servers": [{"address", "parent", "children", "load", "monitor",
-        "root", "depth", "in_network"}], "links": [[child, parent], ...]}; "links" holds the
-        links both ends confirm within our network (so a settled network of n has n - 1), "load"
-        is known for us and our neighbours only (None otherwise)."""
+        """The network map as plain data, for the monitor's /networkz (``server.network_map``),
+        the benchmarks and tests: {"me": "h:p", "root": "h:p" (of our network), "servers":
+        [{"address", "parent", "children", "load", "monitor", "alive", "root", "depth"}],
+        "links": [{"a": child, "b": parent}]}. "alive": in our network (servers outside it are
+        dead or cut off, kept a while as addresses to try); "links" are the links both ends
+        confirm within our network (n - 1 once settled); "load" is known for us and our
+        neighbours only (None otherwise)."""
         with self._locked:
             inside = self.netmap.component()
             loads = {f"{link.hostname}:{link.port}": link.load
@@ -502,12 +574,11 @@ class State:
                 chain = entry.lineage.chain() if entry.lineage is not None else None
                 servers.append({"address": address, "parent": entry.up, "children": list(entry.down),
                                 "load": loads.get(address), "monitor": entry.monitor,
-                                "root": chain[0] if chain else None,
-                                "depth": len(chain) - 1 if chain else None,
-                                "in_network": address in inside})
+                                "alive": address in inside, "root": chain[0] if chain else None,
+                                "depth": len(chain) - 1 if chain else None})
                 if address in inside and entry.up and self.netmap.linked(address, entry.up):
-                    links.append([address, entry.up])
-            return {"me": self.me, "servers": servers, "links": links}
+                    links.append({"a": address, "b": entry.up})
+            return {"me": self.me, "root": self.lineage.chain()[0], "servers": servers, "links": links}
 
 
 SYNC_USER_CHUNK = 5000
@@ -521,6 +592,17 @@ def sync_user_lines(users, always=False):
         return [encode(protocol.sync_user({}))] if always else []
     return [encode(protocol.sync_user(dict(items[i:i + SYNC_USER_CHUNK])))
             for i in range(0, len(items), SYNC_USER_CHUNK)]
+
+
+def login_refusal(username, known_secret, secret):
+    """Why a LOGIN of a registered-name ``username`` with ``secret`` is refused, or None."""
+    if known_secret is None:
+        return f"attempt to login with wrong secret: {username} is not registered"
+    if secret is None:
+        return f"attempt to login with wrong secret: no secret given for {username}"
+    if known_secret != secret:
+        return "attempt to login with wrong secret"
+    return None
 
 
 def redirect_target(load_with_new_client, neighbours):

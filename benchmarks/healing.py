@@ -90,7 +90,7 @@ def one_network(servers):
     want = {f"127.0.0.1:{s.port}" for s in servers}
     for server in servers:
         network = server.state.network()
-        inside = {s["address"] for s in network["servers"] if s["in_network"]}
+        inside = {s["address"] for s in network["servers"] if s["alive"]}
         if inside != want or len(network["links"]) != len(want) - 1:
             return False
     return True

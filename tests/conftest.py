@@ -4,9 +4,10 @@ import logging
 
 import pytest
 
+from activitynet.testing.netcut import Relay
+
 import lockcheck
 from harness import LocalServer, ServerProcess, server_errors
-from netcut import Relay
 
 
 @pytest.fixture(autouse=True)

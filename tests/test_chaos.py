@@ -53,8 +53,9 @@ from dataclasses import dataclass, field
 
 import pytest
 
+from activitynet.testing.netcut import DOWN, OPEN, UP, RandomSegments, Relay
+
 from harness import TIMEOUT, LineClient, wait_until
-from netcut import DOWN, OPEN, UP, RandomSegments, Relay
 from recorder import REDIRECT_WAIT, Recorder, Redirected, log_in, try_login
 
 DEBUG = ("--log-level", "debug") if os.environ.get("CHAOS_DEBUG") else ()

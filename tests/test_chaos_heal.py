@@ -21,7 +21,7 @@ import time
 import pytest
 
 from harness import wait_until
-from netcut import Relay
+from activitynet.testing.netcut import Relay
 from netprobe import probes, wait_one_network  # noqa: F401 (a fixture)
 from recorder import log_in_here, sequences
 

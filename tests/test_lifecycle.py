@@ -39,14 +39,18 @@ def test_snapshot_is_plain_data_of_the_documented_shape(make_server):
     activity(client, {"n": 1})
     client.expect("ACTIVITY_BROADCAST")
     snap = a.snapshot()
-    assert set(snap) == {"origin", "hostname", "port", "clients", "links", "users", "blocked",
-                         "logged_in_names", "history", "pending"}
+    assert set(snap) == {"origin", "hostname", "port", "clients", "client_count", "client_bytes_queued",
+                         "links", "users", "blocked", "logged_in_names", "history", "pending"}
+    assert snap["client_count"] == 1
+    without = a.server.state.snapshot(clients=False)  # what the monitor reads for all but /connz
+    assert "clients" not in without and set(without) == set(snap) - {"clients"}
     assert (snap["hostname"], snap["port"], snap["users"], snap["blocked"]) == ("127.0.0.1", a.port, 0, 0)
     assert snap["logged_in_names"] == 1 and snap["pending"] == 0
     assert snap["history"]["entries"] == 1 and snap["history"]["bytes"] > 0
     (me,) = snap["clients"]
     assert set(me) == {"id", "address", "user", "since", "messages_in", "messages_out", "bytes_queued"}
     assert (me["user"], me["messages_in"], me["messages_out"]) == ("anonymous", 2, 2)
+    assert snap["client_bytes_queued"] == me["bytes_queued"]
     (link,) = snap["links"]
     assert set(link) == {"id", "address", "peer", "initiator", "since", "phase", "live", "load",
                          "bytes_queued", "last_heard_s", "activities_sent", "activities_received"}

@@ -17,9 +17,10 @@ from collections import Counter
 
 import pytest
 
+from activitynet.testing.netcut import UP, Latency
+
 from harness import SECRET, LineClient, wait_until
 from javapeer import JavaPeer, java_id
-from netcut import UP, Latency
 from recorder import log_in_here, sequences
 
 LONG = 60.0

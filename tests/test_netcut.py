@@ -10,8 +10,9 @@ import time
 
 import pytest
 
+from activitynet.testing.netcut import DOWN, UP, HoldAfterLines, Latency, RandomSegments, Relay
+
 from harness import TIMEOUT, wait_until
-from netcut import DOWN, UP, HoldAfterLines, Latency, RandomSegments, Relay
 
 
 class Sink:

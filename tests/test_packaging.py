@@ -55,6 +55,17 @@ def test_the_installed_server_serves_from_another_directory(tmp_path):
     assert server.returncode == 0
 
 
+def test_the_installed_package_carries_the_monitor_page(tmp_path):
+    code = ("import importlib.resources as r, json; import activitynet.web as w; "
+            "print(json.dumps([str(r.files(w)), sorted(p.name for p in r.files(w).iterdir() "
+            "if p.suffix in ('.html', '.css', '.js'))]))")
+    result = installed_python(tmp_path, code)
+    assert result.returncode == 0, result.stderr
+    where, files = json.loads(result.stdout)
+    assert "site-packages" in where, f"not the installed copy: {where}"
+    assert files == ["index.html", "map.css", "map.js"]
+
+
 def test_the_installed_client_runs_both_ways(tmp_path):
     """``python -m activitynet.client`` and the ``activitynet-client`` script, from the installed
     package (the client is a package of its own: library and terminal program)."""

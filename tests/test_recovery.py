@@ -767,6 +767,24 @@ def test_only_the_first_announce_can_make_a_link_live():
     assert again.peer_announced(1, "seen.example", 4000) == [] and not again.live
 
 
+def test_a_peer_still_sending_activities_is_not_quiet():
+    """Our acceptor's ACTIVITY_RETRIEVE follows its answer to ours: while that answer streams
+    in, the clock waits; it runs out LIVE_AFTER after the last activity, or at QUIET_LIMIT."""
+    link = recovery.Link.dialled("127.0.0.1:5000", start_no=0, now=100.0)
+    link.open()
+    at = 100.0
+    while at < 100.0 + 3 * recovery.LIVE_AFTER:
+        at += recovery.LIVE_AFTER / 2
+        link.peer_sent_activity(at)
+        assert link.tick(at + recovery.LIVE_AFTER / 2) == ()
+    assert link.activities_received == 6
+    assert link.tick(at + recovery.LIVE_AFTER) == (Step.REPLAY,)
+    busy = recovery.Link.accepted(start_no=0, now=0.0)
+    busy.open()
+    busy.peer_sent_activity(recovery.QUIET_LIMIT - 0.1)
+    assert busy.tick(recovery.QUIET_LIMIT) == (Step.ASK, Step.ANNOUNCE, Step.REPLAY)
+
+
 def test_a_refused_link_is_marked_not_by_a_string():
     link = recovery.Link.dialled("127.0.0.1:5000", start_no=0, now=0.0)
     link.open()

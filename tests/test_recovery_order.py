@@ -27,8 +27,9 @@ import time
 
 import pytest
 
+from activitynet.testing.netcut import DOWN, UP, HoldAfterLines, RandomSegments
+
 from harness import LineClient, login, wait_until
-from netcut import DOWN, UP, HoldAfterLines, RandomSegments
 from recorder import log_in_here, sequences
 
 LONG = 60.0  # generous: recovery on a slow, busy 2-core machine

@@ -12,9 +12,9 @@ import time
 
 import pytest
 
-from netcut import Relay
+from activitynet.testing.netcut import Relay
 from netprobe import probes, wait_one_network  # noqa: F401 (a fixture)
-from test_recovery import assert_exactly, has_all, join, log_mark, recorders, send_numbered  # noqa: F401
+from test_recovery import assert_exactly, has_all, join, send_numbered
 
 LONG = 60.0  # generous: a slow, busy 2-core machine
 

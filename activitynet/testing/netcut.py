@@ -1,4 +1,5 @@
-"""A TCP relay for tests, so a link between two servers can be cut, healed and slowed for real.
+"""A TCP relay for tests and benchmarks, so a link between two servers can be cut, healed and
+slowed for real.
 
 ``Relay(target_port)`` listens on 127.0.0.1 (an ephemeral port, ``relay.port``) and forwards every
 connection it accepts to 127.0.0.1:``target_port``, both ways. A server told to join through it
@@ -23,6 +24,9 @@ from the side that dialled the relay to the target, ``DOWN`` the other.
   after it was accepted, then delivers it in order: a peer slow to answer while a link comes up.
 - ``Relay(..., record=True)`` keeps every line it delivered, with the time and direction
   (``relay.trace``), so a test can show the wire in its failure message.
+- Counters: ``accepted``, ``relayed`` (connections), ``accepted_at`` (``perf_counter`` of each
+  relayed connection), ``bytes_relayed()`` (both ways, as delivered), so a benchmark can see
+  when a dialler came back and how much recovery sent.
 
 Design: one accept thread, and two pump threads per relayed connection (one per direction), all
 daemons. Each pump is the only writer of its destination and keeps a queue of held segments with
@@ -254,6 +258,7 @@ class _Pair:
         if recorder is not None:  # before the send, so a reader of the trace never lags the peer
             recorder(data)
         dst.sendall(data)
+        self.relay._delivered(len(data))
 
     def _ended(self):
         """One side closed (or a send failed): mirror it to the other side, unless the pair is
@@ -286,6 +291,8 @@ class Relay:
         self._numbers = itertools.count(1)
         self.accepted = 0  # connections accepted (whatever happened to them)
         self.relayed = 0  # connections forwarded to the target
+        self.accepted_at = []  # perf_counter of each connection forwarded to the target
+        self._bytes = 0  # delivered, both ways
         self.resets = 0  # connections reset by cut(), heal() or while cut
         self.record = record
         self.trace = []  # (monotonic time, connection number, direction, line), if record
@@ -371,6 +378,14 @@ class Relay:
         optionally of one direction and from monotonic time ``since`` on."""
         return [entry for entry in list(self.trace)
                 if entry[0] >= since and (direction is None or entry[2] == direction)]
+
+    def bytes_relayed(self):
+        with self._lock:
+            return self._bytes
+
+    def _delivered(self, count):
+        with self._lock:
+            self._bytes += count
 
     def close(self):
         """Stop accepting and reset every connection. Idempotent."""
@@ -464,4 +479,5 @@ class Relay:
             self._pairs.add(pair)
             if upstream is not None:
                 self.relayed += 1
+                self.accepted_at.append(time.perf_counter())
         pair.start()

@@ -1,4 +1,4 @@
-"""Support for the tests and the benchmarks: real server processes, started as markers would.
+"""Real server processes, started as markers would.
 
 Both ``tests/`` and ``benchmarks/`` start servers with ``python -m activitynet.server`` and the
 Project 1 flags, find the port each listens on from its start-up line, read its log, signal it
@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 
 HOST = "127.0.0.1"
-ROOT = Path(__file__).resolve().parent.parent  # the source tree (PYTHONPATH for the servers)
+ROOT = Path(__file__).resolve().parents[2]  # the source tree (PYTHONPATH for the servers)
 START_TIMEOUT = 20.0
 LISTENING = re.compile(r"listening on \S+:(\d+)")
 
