@@ -365,8 +365,6 @@ class State:
                 "users": len(self._users), "blocked": len(self._users.blocked()),
                 "logged_in_names": len(self._names),
                 "history": {"entries": len(self._history), "bytes": self._history.bytes},
-                "dedup": {"duplicates": self._intake.duplicates, "held": self._intake.order.held,
-                          "late": self._intake.order.late, "given_up": self._intake.order.given_up},
                 "pending": pending,
             }
         if clients is True or isinstance(clients, slice):

@@ -6,7 +6,7 @@ throughout.
 The servers run in this process (``activitynet.server.Server``), so what they know is read from
 them directly: ``State.network()`` (one network: every survivor's map holds exactly the
 survivors, with servers - 1 links both ends confirm) and ``State.snapshot()`` (activities received
-per link, and duplicates dropped). A kill closes every socket of the server at once, as SIGKILL
+per link) and the servers' counters (duplicates dropped). A kill closes every socket of the server at once, as SIGKILL
 does, so the survivors detect the death at the kill: the time to one network is measured from it.
 Figures: seconds from the kill to one network (median, p99); lost, duplicated or reordered at the
 clients of survivors; link crossings of one broadcast after settling (must be servers - 1); and
@@ -15,6 +15,7 @@ what re-forming cost: activities received on the new links per activity they bro
 
 import json
 import logging
+import resource
 import socket
 import statistics
 import threading
@@ -151,7 +152,7 @@ def one_run(kind):
         time.sleep(0.5)  # traffic flowing before the kill (the pace of the scenario)
         dead = KILLS[kind]
         survivors = [s for n, s in servers.items() if n not in dead]
-        duplicates_before = sum(s.state.snapshot()["dedup"]["duplicates"] for s in survivors)
+        duplicates_before = sum(s.counters.activities_deduplicated for s in survivors)
         killed_at_wall = time.time()
         killed_at = time.monotonic()
         for name in dead:
@@ -180,7 +181,7 @@ def one_run(kind):
                 seqs = [q for x, q, _ in got if x == s]
                 wrong += sum(1 for a, b in zip(seqs, seqs[1:]) if b <= a)
         resent = received_on_links(survivors, since=killed_at_wall)
-        duplicates = sum(s.state.snapshot()["dedup"]["duplicates"] for s in survivors) - duplicates_before
+        duplicates = sum(s.counters.activities_deduplicated for s in survivors) - duplicates_before
         # one broadcast after settling: how many links it crosses (once nothing else is in flight)
         before = quiet_count(survivors)
         probe = senders[alive[0]]
@@ -227,6 +228,8 @@ def self_healing(ctx, runs):
     new = sum(r["new_on_new_links"] for r in everything)
     ctx.row("re-forming: activities on new links per new one", round(resent / new, 2) if new else 0.0,
             "x", Target("<=", 2.0), f"{resent} received on new links, {new} of them new")
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+    ctx.row("peak RSS of this process (the servers run in it)", round(peak, 1), "MB")
     wrong = sum(r["wrong"] for r in everything)
     ctx.row(f"lost, duplicated or reordered ({len(everything)} runs)", wrong, "activities",
             Target("==", 0), check=True)

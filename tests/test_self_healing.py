@@ -235,7 +235,7 @@ def test_101_after_102_is_delivered_and_in_order():
     state.server_activity(left, {"n": 4}, own(ORIGIN_B, 4))
     state.server_activity(left, {"n": 5}, own(ORIGIN_B, 5))  # the copy from the other path
     assert [m["activity"]["n"] for m in take(client, "ACTIVITY_BROADCAST")] == [4, 5]
-    assert state.snapshot()["dedup"]["duplicates"] == 1
+    assert state.counters.activities_deduplicated == 1
 
 
 def new_state_b():
