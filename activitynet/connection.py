@@ -13,8 +13,11 @@ socket is written, shut down or closed while the state lock is held, by construc
 thread also handles every line of one ``recv`` inside a section, so a burst of N messages to one
 peer costs one system call instead of N.
 
-An outbox holding more than ``max_outbox`` unsent bytes belongs to a slow consumer: it is closed,
-at its next flush (so never under the state lock either).
+Slow consumers (``limits.SlowConsumerRule``): an outbox holding more than ``max_outbox`` unsent
+bytes is watched; it is closed when its reader drained less than 1 MB/s over a whole 5 s window,
+or at once past four times ``max_outbox`` (memory stays bounded). So a reader that keeps reading
+is not cut because a burst or a flooder filled its outbox, and one that stopped reading is. The
+close happens at its next flush (so never under the state lock either).
 
 A transport is what a connection needs of a socket; a plain socket and a TLS socket both provide
 it: ``recv(n)`` (blocking, ``b""`` at EOF), ``send_some(view)`` (non-blocking: how many bytes the
@@ -29,7 +32,11 @@ import socket
 import threading
 import time
 
+from .limits import SlowConsumerRule
+
 log = logging.getLogger(__name__)
+
+SLOW_CONSUMER_RULE = SlowConsumerRule()
 
 RECV_SIZE = 64 * 1024
 SLOW_CONSUMER = "slow consumer"  # the close reason of an outbox over its limit
@@ -185,8 +192,9 @@ class Connection:
 
     # Slots: a server may hold 10,000 idle connections, and every byte of each one counts.
     __slots__ = ("transport", "fileno", "poller", "outgoing", "max_line", "max_outbox", "name",
-                 "last_heard", "_lock", "_chunks", "_queued", "_flushing", "_rest", "_drain_waiter",
-                 "_close_when_drained", "_too_slow", "closed", "close_reason", "bytes_in", "bytes_out",
+                 "last_heard", "_lock", "_chunks", "_queued", "_watch", "_flushing", "_rest",
+                 "_drain_waiter", "_close_when_drained", "_too_slow", "closed", "close_reason",
+                 "bytes_in", "bytes_out",
                  "__weakref__")
 
     def __init__(self, transport, poller, outgoing, max_line, max_outbox, name=None):
@@ -203,11 +211,12 @@ class Connection:
         self._lock = threading.Lock()
         self._chunks = []
         self._queued = 0  # bytes accepted by send() and not yet taken by the kernel
+        self._watch = None  # the slow-consumer rule's record while over max_outbox
         self._flushing = False  # one flusher at a time, or the poller owns the remainder
         self._rest = b""  # bytes the kernel refused, waiting for writability
         self._drain_waiter = None  # an Event, only while finish() waits for the outbox to drain
         self._close_when_drained = None  # a reason, once send_last() was called
-        self._too_slow = False  # over max_outbox: closed at the next flush
+        self._too_slow = None  # why it is too slow (SlowConsumerRule): closed at the next flush
         self.closed = False
         self.close_reason = None
         # Traffic, for the monitor: bytes_in is written only by the reader thread, bytes_out
@@ -270,7 +279,11 @@ class Connection:
             self._chunks.append(data)
             self._queued += len(data)
             if self._queued > self.max_outbox:
-                self._too_slow = True
+                if not self._too_slow:
+                    self._too_slow, self._watch = SLOW_CONSUMER_RULE.judge(
+                        self.max_outbox, self._queued, self.bytes_out, time.monotonic(), self._watch)
+            elif self._watch is not None:  # back under the limit: a later episode starts afresh
+                self._watch = None
         dirty = getattr(self.outgoing.local, "dirty", None)
         if dirty is None:  # outside any section: now
             self.flush()
@@ -297,8 +310,8 @@ class Connection:
                     data = data + b"".join(self._chunks) if data else b"".join(self._chunks)
                     self._chunks.clear()
         if data is None:
-            log.warning("%s is too slow to read its messages (%d bytes queued); disconnecting",
-                        self.name, self._queued, extra={"conn": self.name})
+            log.warning("%s is too slow to read its messages (%s); disconnecting",
+                        self.name, self._too_slow, extra={"conn": self.name})
             self.close(SLOW_CONSUMER)
             return
         view = memoryview(data)
@@ -313,7 +326,7 @@ class Connection:
                     return
             with self._lock:
                 self._queued -= sent
-                self.bytes_out += sent
+                self.bytes_out += sent  # also the drain rate the slow-consumer rule reads
                 view = view[sent:]
                 if not view and self._chunks:
                     view = memoryview(b"".join(self._chunks))

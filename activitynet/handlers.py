@@ -7,9 +7,14 @@ means and which reply it gets; ``State`` decides what changes and who else is to
 raise ``ProtocolError`` for failure replies and ``Goodbye`` to end a connection; the server's
 connection loop is the one place that turns those into the reply and the close.
 
-A handler gets a ``Context`` (the state, the servers' secret, and the one thing it may ask of the
-server: to trust a connection with a server's limits), the connection's ``Session`` and the
-message. Nothing here holds the ``Server``.
+A handler gets a ``Context`` (the state, the servers' secret, the failed-login throttle, whether
+AUTHENTICATE needs TLS, and the one thing it may ask of the server: to trust a connection with a
+server's limits), the connection's ``Session`` and the message. Nothing here holds the ``Server``.
+
+Guessing secrets is made slow (issue 11): a failed LOGIN or AUTHENTICATE asks the throttle how
+long its reply must wait, and carries that as ``delay`` on the error; the connection's own thread
+sleeps it before replying, so nobody else waits. Secrets are compared in constant time
+(``credentials.same_secret``).
 """
 
 import dataclasses
@@ -17,8 +22,10 @@ import logging
 from typing import Callable
 
 from . import protocol, schemas
+from .credentials import same_secret
+from .limits import LoginThrottle
 from .netmap import Lineage
-from .protocol import AuthenticationFail, InvalidMessage
+from .protocol import AuthenticationFail, InvalidMessage, LoginFailed
 from .session import CLIENT, NEW, SERVER
 from .state import State
 
@@ -34,6 +41,8 @@ class Context:
     state: State
     secret: str
     trust_as_server: Callable  # (session) -> None: a server's larger line and outbox limits
+    throttle: LoginThrottle = dataclasses.field(default_factory=LoginThrottle)
+    tls_required: bool = False  # --tls-required: AUTHENTICATE only over TLS
 
 
 class Goodbye(Exception):
@@ -52,7 +61,14 @@ def handle_register(ctx, session, message):
 
 
 def handle_login(ctx, session, message):
-    target = ctx.state.login(session, message["username"], message.get("secret"))
+    username = message["username"]
+    key = (host_of(session.address), username)
+    try:
+        target = ctx.state.login(session, username, message.get("secret"))
+    except LoginFailed as exc:
+        exc.delay = ctx.throttle.failed(key)
+        raise
+    ctx.throttle.succeeded(key)
     if target is not None:
         hostname, port = target
         raise Goodbye(f"redirected to {hostname}:{port}", protocol.redirect(hostname, port))
@@ -71,8 +87,16 @@ def handle_activity_message(ctx, session, message):
 def handle_authenticate(ctx, session, message):
     if session.role == SERVER:
         raise InvalidMessage("AUTHENTICATE on a link that is already authenticated", kind="not_allowed")
-    if message["secret"] != ctx.secret:
-        raise AuthenticationFail(f"the supplied secret is incorrect: {message['secret']}")
+    if ctx.tls_required and not session.secure:
+        # Before the secret is even looked at, and before SYNC_USER: neither crosses in clear.
+        raise AuthenticationFail("this server accepts AUTHENTICATE only over TLS (--tls-required); "
+                                 "start the dialling server with --tls-cert, --tls-key and --tls-ca")
+    key = (host_of(session.address),)
+    if not same_secret(message["secret"], ctx.secret):
+        error = AuthenticationFail(f"the supplied secret is incorrect: {message['secret']}")
+        error.delay = ctx.throttle.failed(key)
+        raise error
+    ctx.throttle.succeeded(key)
     log.info("server %s authenticated", session.address, extra={"conn": session.address})
     ctx.trust_as_server(session)
     ctx.state.accept_link(session)
@@ -200,6 +224,11 @@ def dispatch_message(ctx, session, message):
         exc.kind = "schema"
         raise
     handler(ctx, session, message)
+
+
+def host_of(address):
+    """The host part of a "host:port" address (the throttle counts per source host)."""
+    return address.rsplit(":", 1)[0]
 
 
 def _refusal(role, command):

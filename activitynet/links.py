@@ -8,7 +8,9 @@ heartbeat line ``h`` about every second; a link silent for ``SILENCE`` seconds i
 peer, a cut cable) and is closed.
 
 Neither holds the ``Server``: the dialler gets a function that serves one dialled socket as a
-link until it ends (``serve_link(sock, peer_key) -> Session``), the heartbeat gets the state.
+link until it ends (``serve_link(sock, peer_key) -> (Session or None, why it ended)``; None when
+the link never came up, e.g. a TLS handshake the peer refused: that counts as a failed try, logged
+like an unreachable peer), the heartbeat gets the state.
 """
 
 import logging
@@ -70,7 +72,9 @@ class Dialer(_Worker):
                 state.dial_ended(None, time.monotonic())
                 continue
             self._failures.pop(address, None)
-            log.info("connected to server %s%s", address, " (alone)" if alone else "", extra={"peer": address})
+            if alone:
+                log.info("dialled server %s alone: refusing other links until it answers", address,
+                         extra={"peer": address})
             session, reason = self.serve_link(sock, address)
             state.dial_ended(session, time.monotonic())
             if session is not None and session.link is not None and session.link.refused:

@@ -21,8 +21,21 @@ Options (the Project 1 flag in brackets):
   --bind=ADDRESS            address to listen on [default: 0.0.0.0]
   --history=N               activities kept for partition recovery [default: 100000]
   --max-line=BYTES          longest line accepted from a client [default: 1048576]
-  --max-outbox=BYTES        unsent bytes after which a client is too slow and is
-                            disconnected [default: 16777216]
+  --max-outbox=BYTES        unsent bytes past which a client is watched: it is disconnected
+                            if it reads under 1 MB/s, or at 4x this [default: 16777216]
+  --login-timeout=SECONDS   close a connection that has not logged in, registered or
+                            authenticated this long after connecting; 0: never [default: 30]
+  --max-connections=N       most connections open at once (default: the open-files limit
+                            less 128, said at start)
+  --max-pending-per-address=N  connections from one address not logged in yet [default: 2048]
+  --rate-limit=N            activities a second per client connection once its burst is
+                            spent; reads pause, nothing is dropped; 0: off [default: 500]
+  --rate-burst=N            activities a client may send at once; 0: off [default: 1000]
+  --tls-cert=FILE           this server's certificate (PEM); with --tls-key and --tls-ca,
+                            links it dials use TLS and its port also accepts TLS
+  --tls-key=FILE            the certificate's unencrypted private key (PEM)
+  --tls-ca=FILE             the CA certificate(s) peers' certificates must come from
+  --tls-required            refuse AUTHENTICATE over plain TCP (needs the --tls-* files)
   --log-level=LEVEL         debug, info, warning or error [default: info]
   --log-format=FORMAT       text (for people) or json (one object per line) [default: text]
   --monitor-port=PORT       serve the monitoring pages (/varz, /metrics, the live map ...)
@@ -30,14 +43,33 @@ Options (the Project 1 flag in brackets):
   --monitor-bind=ADDRESS    address the monitor listens on [default: 127.0.0.1]
   -h --help                 show this text
 
-Design: a blocking accept loop starts one thread per connection (see ``run_connection``); all
-shared state is in one ``State`` behind one lock; writes go through each connection's outbox
-(see ``connection``). The heartbeat and the dialler run in threads of their own (``links``), and
-so does the monitor (``monitor``), which reads the server through a ``MonitorView``.
+Design: a blocking accept loop hands each connection to a spawner thread, which starts one
+thread per connection (see ``_spawn``); all shared state is in one ``State`` behind one lock;
+writes go through each connection's outbox (see ``connection``). The heartbeat and the
+dialler run in threads of their own (``links``), and so does the monitor (``monitor``), which
+reads the server through a ``MonitorView``.
+
+Limits (issue 11; the reasons for each default are in ``limits``). The accept loop admits a
+connection (``--max-connections``, ``--max-pending-per-address``) before it costs a thread; one
+refused gets an INVALID_MESSAGE and is closed. Every accepted connection has a login deadline,
+kept by one thread for all (``--login-timeout``, counted from accept). A client's reader spends
+tokens of its ``TokenBucket`` for each line and, when the bucket is empty, stops reading for a
+while: the flooder's own TCP buffers fill and it stalls, nothing is dropped or reordered, and
+nobody else waits (``--rate-limit``, ``--rate-burst``; server links are exempt). A failed LOGIN
+or AUTHENTICATE reply is delayed by the failing connection's own thread (``handlers``). Each
+limit that bites is logged once a minute per address (``LimitLog``), not once per message.
+
+TLS: with ``--tls-cert/--tls-key/--tls-ca`` the dialler speaks TLS and checks the peer against
+the CA; the listening port serves plain and TLS connections, told apart by their first byte
+(``tls.sniff``, in the connection's own thread).
 """
 
+import contextlib
+import ctypes
 import dataclasses
+import itertools
 import logging
+import queue
 import resource
 import secrets
 import signal
@@ -46,11 +78,13 @@ import sys
 import threading
 import time
 
-from . import __version__, cli, handlers, logs, stats
+from . import __version__, cli, handlers, limits, logs, stats, tls
 from .connection import Connection, LineTooLong, PlainTransport, Poller
+from .limits import Admission, Deadlines, LimitLog, LoginThrottle, Refused, TokenBucket, activity_cost
 from .links import Dialer, Heartbeat
 from .monitor import Monitor
 from .protocol import InvalidMessage, ProtocolError, encode
+from .session import NEW, SERVER
 from .state import State
 
 log = logging.getLogger("activitynet.server" if __name__ == "__main__" else __name__)
@@ -70,6 +104,21 @@ SWITCH_INTERVAL = 0.1
 # an ACTIVITY_RETRIEVE (up to the whole history) is queued at once.
 SERVER_MAX_LINE = 64 * 1024 * 1024
 SERVER_MAX_OUTBOX = 1024 * 1024 * 1024
+# A client in debt to its bucket reads on until the debt is worth this many seconds, then sleeps
+# it all at once: 20 short sleeps a second instead of one per line, the same rate on average.
+MIN_PAUSE = 0.05
+# A refused connection is sent its INVALID_MESSAGE and a FIN, and closed this much later: closed
+# at once with the peer's LOGIN unread, the kernel would send a RST that can destroy the reply
+# before the peer reads it. At most REFUSED_LINGERING wait (their descriptors come out of the
+# limits.FD_RESERVE), past that they are closed at once.
+REFUSED_LINGER = 1.0
+REFUSED_LINGERING = 64
+TLS_HANDSHAKE_TIMEOUT = 10.0  # for links we dial (an accepted one has its login deadline)
+# glibc keeps memory freed by thousands of ended connection threads instead of returning it: 2,000
+# silent connections left RSS 3-7 MB higher after each round while Python's own allocations
+# (tracemalloc) stayed flat, and malloc_trim gave it back. So every TRIM_EVERY closed connections
+# the thread closing the last one calls malloc_trim (a few milliseconds; a no-op elsewhere).
+TRIM_EVERY = 1000
 
 
 @dataclasses.dataclass
@@ -88,6 +137,15 @@ class Settings:
     max_outbox: int = 16 * 1024 * 1024
     server_max_line: int = SERVER_MAX_LINE
     server_max_outbox: int = SERVER_MAX_OUTBOX
+    login_timeout: float = limits.DEFAULT_LOGIN_TIMEOUT  # 0: no deadline
+    max_connections: int | None = None  # None: from the open-files limit (default_max_connections)
+    max_pending_per_address: int = limits.DEFAULT_MAX_PENDING_PER_ADDRESS
+    rate_limit: float = limits.DEFAULT_RATE  # 0: no flood control
+    rate_burst: int = limits.DEFAULT_BURST
+    tls_cert: str | None = None
+    tls_key: str | None = None
+    tls_ca: str | None = None
+    tls_required: bool = False
     log_level: str = "info"
     log_format: str = "text"
     monitor_port: int | None = None  # None: no monitor
@@ -100,6 +158,45 @@ SECRET_SETTINGS = frozenset({"secret"})
 
 class StartError(Exception):
     """The server cannot start (a port is taken, say); the message says which and why."""
+
+
+class Arrival:
+    """An accepted connection until it ends: its admission ticket, and what its login deadline
+    acts on. ``expire`` runs on the deadlines thread and must not block."""
+
+    __slots__ = ("sock", "ticket", "conn", "expired", "_lock")
+
+    def __init__(self, sock, ticket):
+        self.sock = sock  # the accepted socket; the TLS socket once the handshake starts
+        self.ticket = ticket
+        self.conn = None
+        self.expired = False
+        self._lock = threading.Lock()  # guards sock, conn and expired
+
+    def wrapped(self, ssl_sock):
+        with self._lock:
+            self.sock = ssl_sock
+
+    def attach(self, conn):
+        """The connection is made; False if the deadline passed first (it has been ended)."""
+        with self._lock:
+            self.conn = conn
+            return not self.expired
+
+    def expire(self, line, reason):
+        with self._lock:
+            self.expired = True
+            conn, sock = self.conn, self.sock
+        if conn is not None:
+            conn.send_last(line, reason)
+            return
+        # Still sniffing or in the TLS handshake: tell a plain peer why, and wake that thread
+        # (socket.socket's shutdown: an SSLSocket's own would unwrap it under the handshake).
+        if not isinstance(sock, tls.ssl.SSLSocket):
+            with contextlib.suppress(OSError):
+                sock.send(line, socket.MSG_DONTWAIT)
+        with contextlib.suppress(OSError):
+            socket.socket.shutdown(sock, socket.SHUT_RDWR)
 
 
 class Server:
@@ -138,6 +235,20 @@ class Server:
         self.state = State(settings.local_host, self.port, history_size=settings.history,
                            counters=self.counters, joins=[f"{host}:{port}" for host, port in joins],
                            grace=settings.grace)
+        self.tls_server = self.tls_client = None
+        if settings.tls_cert:
+            try:
+                self.tls_server, self.tls_client = tls.check_files(settings.tls_cert, settings.tls_key,
+                                                                   settings.tls_ca)
+            except tls.TlsConfigError:
+                self.listener.close()
+                raise
+        self.max_connections = settings.max_connections or limits.default_max_connections(
+            resource.getrlimit(resource.RLIMIT_NOFILE)[0])
+        self.admission = Admission(self.max_connections, settings.max_pending_per_address)
+        self.deadlines = Deadlines(self._login_overdue, name="login-deadlines")
+        self.lingering = Deadlines(_close_quietly, name="refused-closer")
+        self.limit_log = LimitLog()
         self.monitor = None
         if settings.monitor_port is not None:
             try:
@@ -149,10 +260,13 @@ class Server:
             self.state.set_monitor(f"{settings.local_host}:{self.monitor.address[1]}")  # in our map entry
         self.network_map = self.state.network  # issue 9's map, for the monitor's /networkz
         self.poller = Poller()
-        self.context = handlers.Context(self.state, self.secret, self._trust_as_server)
+        self.context = handlers.Context(self.state, self.secret, self._trust_as_server,
+                                        throttle=LoginThrottle(), tls_required=settings.tls_required)
+        self._departures = itertools.count()  # accepted connections ended (next() is atomic)
         self._conns_lock = threading.Lock()  # guards _conns
         self._conns = {}  # open Connection -> the thread serving it
-        self._threads = [Heartbeat(self.state, self.stopping),
+        self._arrivals = queue.SimpleQueue()  # accepted, waiting for their thread; None: stop
+        self._threads = [Heartbeat(self.state, self.stopping), _Thread(self._spawn, "spawner"),
                          Dialer(self.state, self.stopping, self.serve_link)]
 
     @property
@@ -169,49 +283,200 @@ class Server:
     def _accept_loop(self):
         if self.monitor is not None:
             self.monitor.start()  # logs "monitor on http://host:port/" before we say we listen
-        log.info("listening on %s:%d (announced as %s:%d)", self.settings.bind, self.port, *self.address)
+        log.info("listening on %s:%d (announced as %s:%d); %s", self.settings.bind, self.port,
+                 *self.address, self._limits_said())
         for thread in self._threads:
             thread.start()
-        number = 0
+        self.deadlines.start()
+        self.lingering.start()
+        login_timeout = self.settings.login_timeout
         while not self.stopping.is_set():
             try:
-                sock, _address = self.listener.accept()
+                sock, address = self.listener.accept()
             except OSError:
                 if self.stopping.is_set():
                     break
                 log.exception("accept failed")  # e.g. out of file descriptors; keep serving
                 self.stopping.wait(0.05)
                 continue
-            number += 1
             self.counters.connections_accepted += 1  # only this thread bumps it
-            # The connection and its session are made here, and the thread runs _serve itself:
-            # one frame less on each of thousands of reader threads' stacks is a page of memory
-            # each (about 4 KiB a client, measured with 2,000 idle clients).
-            conn = Connection(PlainTransport(sock), self.poller, self.state.outgoing,
-                              self.settings.max_line, self.settings.max_outbox)
-            if not self._track(conn):
-                break
-            session = self.state.open_session(conn, conn.name)
             try:
-                threading.Thread(target=self._serve, args=(conn, session),
-                                 name=f"conn-{number}", daemon=True).start()
+                ticket = self.admission.admit(address[0])
+            except Refused as exc:
+                self._refuse(sock, address, str(exc))
+                continue
+            arrival = Arrival(sock, ticket)
+            if login_timeout:
+                self.deadlines.add(arrival, time.monotonic() + login_timeout, arrival)
+            self._arrivals.put(arrival)
+
+    def _spawn(self):
+        """The spawner thread: one connection thread per arrival. Starting a thread waits until
+        it runs (a few hundred microseconds, more on a busy machine); done here rather than in
+        the accept loop, a burst of connections is accepted, and its deadlines counted, as it
+        comes, not as fast as threads can be started."""
+        number = 0
+        while True:
+            arrival = self._arrivals.get()
+            if arrival is None or self.stopping.is_set():
+                break
+            number += 1
+            served = None
+            try:
+                if self.tls_server is None:
+                    # Plain only: the connection and its session are made here, and the thread
+                    # runs _serve itself: one frame less on each of thousands of reader threads'
+                    # stacks is a page of memory each (about 4 KiB a client, measured with 2,000
+                    # idle clients). With TLS the thread first reads the first byte (_serve_tls).
+                    served = self._open(arrival, PlainTransport(arrival.sock))
+                    if served is None:
+                        continue
+                    target, args = self._serve, served
+                else:
+                    target, args = self._serve_tls, (arrival,)
+                threading.Thread(target=target, args=args, name=f"conn-{number}", daemon=True).start()
             except Exception:  # e.g. no thread could be started; one connection, not the server
                 log.exception("cannot serve a new connection")
-                conn.close("no thread")
-                self.state.close_session(session)
-                with self._conns_lock:
-                    self._conns.pop(conn, None)
+                if served is not None:
+                    conn, session, _arrival = served
+                    conn.close("no thread")
+                    self.state.close_session(session)
+                    with self._conns_lock:
+                        self._conns.pop(conn, None)
+                self._departed(arrival)
+                _close_quietly(arrival.sock)
+        while arrival is not None:  # stopping: the ones never started are closed here
+            self._departed(arrival)
+            _close_quietly(arrival.sock)
+            arrival = self._arrivals.get()
+
+    def _limits_said(self):
+        """The start-up line's account of the limits (README.rst, "Limits")."""
+        s = self.settings
+        soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+        said = [f"at most {self.max_connections} connections"
+                + ("" if s.max_connections else f" (open-files limit {soft} less {limits.FD_RESERVE})"),
+                f"{s.max_pending_per_address} not logged in per address",
+                f"login within {s.login_timeout:g} s" if s.login_timeout else "no login deadline",
+                f"{s.rate_limit:g} activities/s per client after a burst of {s.rate_burst}"
+                if s.rate_limit and s.rate_burst else "no flood control"]
+        if self.tls_server is not None:
+            said.append("TLS on links" + (", required for AUTHENTICATE" if s.tls_required else ""))
+        return ", ".join(said)
+
+    def _refuse(self, sock, address, info):
+        """Past a connection limit: INVALID_MESSAGE, FIN, and the close a little later (see
+        REFUSED_LINGER). Never blocks the accept loop."""
+        self.state.count_invalid("too_many_connections")
+        with contextlib.suppress(OSError):
+            sock.send(encode(InvalidMessage(info).reply()), socket.MSG_DONTWAIT)
+            sock.shutdown(socket.SHUT_WR)
+        self._limit_bit("refused", address[0], "refused a connection from %s:%d: %s", *address[:2], info)
+        if len(self.lingering) >= REFUSED_LINGERING:
+            sock.close()
+        else:
+            self.lingering.add(sock, time.monotonic() + REFUSED_LINGER, sock)
+
+    def _login_overdue(self, arrival):
+        """The deadlines thread: ``arrival`` did not log in within --login-timeout."""
+        timeout = self.settings.login_timeout
+        info = (f"no LOGIN, REGISTER or AUTHENTICATE within {timeout:g} s of connecting "
+                "(--login-timeout); closing the connection")
+        host, port = _peer_of(arrival.sock)
+        self.state.count_invalid("login_timeout")
+        self._limit_bit("deadline", host, "closing %s:%s: not logged in within %g s", host, port, timeout)
+        arrival.expire(encode(InvalidMessage(info).reply()), f"not logged in within {timeout:g} s")
+
+    def _limit_bit(self, limit, host, message, *args):
+        """Log that a limit bit for ``host``: once a minute per limit and address."""
+        quiet = self.limit_log.bite((limit, host))
+        if quiet is not None:
+            log.warning(message + (f" ({quiet} more like it from this address since the last line)"
+                                   if quiet else ""), *args)
+
+    def _departed(self, arrival):
+        """An accepted connection ended: its deadline and its place in the counts go."""
+        self.deadlines.cancel(arrival)
+        arrival.ticket.release()
+        if next(self._departures) % TRIM_EVERY == TRIM_EVERY - 1:
+            release_free_memory()
+
+    def _logged_in(self, arrival):
+        """It logged in, registered or authenticated: no deadline, no longer pending."""
+        self.deadlines.cancel(arrival)
+        arrival.ticket.settle()
+
+    def _open(self, arrival, transport):
+        """The Connection and Session of an accepted ``arrival`` over ``transport``, for _serve;
+        None (and closed) when the server is stopping."""
+        conn = Connection(transport, self.poller, self.state.outgoing,
+                          self.settings.max_line, self.settings.max_outbox)
+        if not arrival.attach(conn):  # overdue before it was even set up
+            conn.close("not logged in in time")
+        if not self._track(conn):
+            self._departed(arrival)
+            return None
+        session = self.state.open_session(conn, conn.name, secure=not isinstance(transport, PlainTransport))
+        if self.settings.rate_limit and self.settings.rate_burst:
+            session.bucket = TokenBucket(self.settings.rate_limit, self.settings.rate_burst)
+        return conn, session, arrival
+
+    def _serve_tls(self, arrival):
+        """A connection thread when TLS is on: plain or TLS by the first byte, then _serve."""
+        try:
+            transport = self._open_transport(arrival)
+        except Exception:
+            log.exception("error opening a connection; closing it")
+            transport = None
+        if transport is None:
+            self._departed(arrival)
+            return
+        served = self._open(arrival, transport)
+        if served is not None:
+            self._serve(*served)
+
+    def _open_transport(self, arrival):
+        """Plain or TLS as the first byte says; None when the peer went away, sent nothing
+        before its deadline, or failed the handshake."""
+        sock = arrival.sock
+        kind = tls.sniff(sock, None)  # the login deadline ends a silent peer
+        if kind == "plain":
+            return PlainTransport(sock)
+        if kind != "tls":
+            sock.close()
+            return None
+        host, port = _peer_of(sock)
+        try:
+            return tls.TlsTransport.accept(sock, self.tls_server, None, on_wrapped=arrival.wrapped)
+        except tls.TlsHandshakeError as exc:
+            if not arrival.expired:
+                self._limit_bit("tls", host, "TLS connection from %s:%s refused: %s", host, port, exc)
+            return None
 
     def serve_link(self, sock, peer_key):
         """Serve a socket we dialled to ``peer_key`` as a server link until it ends (the
         dialler's thread); returns (its Session or None, why it ended)."""
-        conn = Connection(PlainTransport(sock), self.poller, self.state.outgoing,
+        secure = self.tls_client is not None
+        if secure:
+            try:
+                transport = tls.TlsTransport.connect(sock, self.tls_client, peer_key.rsplit(":", 1)[0],
+                                                     TLS_HANDSHAKE_TIMEOUT)
+            except tls.TlsHandshakeError as exc:
+                return None, str(exc)
+        else:
+            transport = PlainTransport(sock)
+        log.info("connected to server %s%s", peer_key, f" over {transport.version}" if secure else "")
+        conn = Connection(transport, self.poller, self.state.outgoing,
                           self.settings.server_max_line, self.settings.server_max_outbox, name=peer_key)
-        if not self._track(conn):
-            return None, conn.close_reason
-        session = self.state.open_session(conn, conn.name)
-        self.state.dial_link(session, peer_key, self.secret)
-        return session, self._serve(conn, session)
+        ticket = self.admission.admit(peer_key, dialled=True)
+        try:
+            if not self._track(conn):
+                return None, conn.close_reason
+            session = self.state.open_session(conn, conn.name, secure=secure)
+            self.state.dial_link(session, peer_key, self.secret)
+            return session, self._serve(conn, session)
+        finally:
+            ticket.release()
 
     def _track(self, conn):
         """Register ``conn`` so that ``shutdown`` closes it; False (and closed) when stopping."""
@@ -222,16 +487,16 @@ class Server:
             self._conns[conn] = None  # its thread, once _serve runs
             return True
 
-    def _serve(self, conn, session):
-        """Read and handle ``conn`` until it ends; returns why it ended."""
+    def _serve(self, conn, session, arrival=None):
+        """Read and handle ``conn`` until it ends; returns why it ended. ``arrival``: an
+        accepted connection's deadline and admission ticket (None for a link we dialled)."""
         ending = None
         with self._conns_lock:
             if conn in self._conns:
                 self._conns[conn] = threading.current_thread()
         try:
             for lines in conn.batches():
-                with self.state.outgoing:  # one flush per peer for the whole batch
-                    ending = self._handle_lines(session, lines)
+                ending = self._handle_batch(session, lines, arrival)
                 if ending is not None:
                     break
         except LineTooLong as exc:
@@ -244,26 +509,59 @@ class Server:
             conn.close("internal error")
         finally:
             if ending is not None:
-                data, reason = ending
+                data, reason, delay = ending
                 log.info("closing %s: %s", conn.name, reason, extra={"conn": conn.name})
+                if delay:  # a guessed secret: this thread waits, nobody else does
+                    self._limit_bit("guessing", _host(conn.name), "repeated failed logins from %s: "
+                                    "the failure reply waits %.2f s", conn.name, delay)
+                    self.stopping.wait(delay)
                 conn.finish(data, reason) if data else conn.close(reason)
             conn.close("peer closed")
             self.state.close_session(session)
+            if arrival is not None:
+                self._departed(arrival)
             with self._conns_lock:
                 self._conns.pop(conn, None)
         return conn.close_reason
 
-    def _handle_lines(self, session, lines):
-        """Handle a batch of lines; returns (last bytes, reason) once the connection must end."""
-        for line in lines:
+    def _handle_batch(self, session, lines, arrival):
+        """Handle the lines of one read, pausing for the client's bucket between them; returns
+        (last bytes, reason, delay) once the connection must end."""
+        start = 0
+        while start < len(lines):
+            with self.state.outgoing:  # one flush per peer for the lines handled before a pause
+                ending, start, pause = self._handle_lines(session, lines, start, arrival)
+            if ending is not None:
+                return ending
+            if pause:
+                if session.bucket.paused == 1:  # its first pause: one more rate-limited client
+                    self.state.count_rate_limited()
+                self._limit_bit("rate", _host(session.address), "client %s sends faster than "
+                                "--rate-limit %g/s (burst %d): pausing its reads, nothing is dropped",
+                                session.address, self.settings.rate_limit, self.settings.rate_burst)
+                self.stopping.wait(pause)
+        return None
+
+    def _handle_lines(self, session, lines, start, arrival):
+        """Handle ``lines[start:]``; returns (ending or None, where to go on, seconds to pause):
+        stops early once the client's bucket says to pause."""
+        bucket = session.bucket
+        for index in range(start, len(lines)):
+            line = lines[index]
             session.messages_in += 1
             try:
                 handlers.dispatch_line(self.context, session, line)
             except (ProtocolError, handlers.Goodbye) as exc:
                 if isinstance(exc, InvalidMessage):
                     self.state.count_invalid(exc.kind)
-                return _ending_for(exc)
-        return None
+                return _ending_for(exc), len(lines), 0.0
+            if arrival is not None and arrival.ticket.pending and session.role != NEW:
+                self._logged_in(arrival)
+            if bucket is not None and session.role != SERVER:  # server links are exempt
+                wait = bucket.take(activity_cost(len(line)))
+                if wait >= MIN_PAUSE:
+                    return None, index + 1, wait
+        return None, len(lines), 0.0
 
     def _trust_as_server(self, session):
         """Give an authenticated server link the larger limits servers are trusted with."""
@@ -273,6 +571,7 @@ class Server:
     def request_shutdown(self):
         """Stop accepting and close every connection; does not wait (safe in a signal handler)."""
         self.stopping.set()
+        self._arrivals.put(None)  # SimpleQueue.put is reentrant: safe here
         try:
             self.listener.shutdown(socket.SHUT_RDWR)  # wakes the blocked accept()
         except OSError:
@@ -298,6 +597,9 @@ class Server:
         for worker in [*self._threads, *threads]:
             if worker is not threading.current_thread():
                 worker.join(max(0.0, deadline - time.monotonic()))
+        self.deadlines.close()
+        for sock in self.lingering.close():
+            _close_quietly(sock)
         if self.monitor is not None:
             self.monitor.stop(timeout=max(0.5, deadline - time.monotonic()))
         self.poller.close()
@@ -358,10 +660,57 @@ class MonitorView:
 
 
 def _ending_for(exc):
-    """The one place a protocol error or a goodbye becomes the last bytes and the close reason."""
+    """The one place a protocol error or a goodbye becomes the last bytes, the close reason and
+    how long the reply waits (a failed login's ``delay``, see ``handlers``)."""
     if isinstance(exc, ProtocolError):
-        return encode(exc.reply()), f"{exc.command}: {exc.info}"
-    return (encode(exc.message) if exc.message else b""), exc.reason
+        return encode(exc.reply()), f"{exc.command}: {exc.info}", getattr(exc, "delay", 0.0)
+    return (encode(exc.message) if exc.message else b""), exc.reason, 0.0
+
+
+class _Thread:
+    """A daemon thread with the start/join of the others in ``Server._threads``."""
+
+    def __init__(self, target, name):
+        self.thread = threading.Thread(target=target, name=name, daemon=True)
+
+    def start(self):
+        self.thread.start()
+
+    def join(self, timeout):
+        if self.thread.ident is not None:  # started
+            self.thread.join(timeout)
+
+
+def _malloc_trim():
+    try:
+        return ctypes.CDLL(None).malloc_trim
+    except (OSError, AttributeError):  # not glibc
+        return None
+
+
+_MALLOC_TRIM = _malloc_trim()
+
+
+def release_free_memory():
+    """Give memory the C allocator holds but nobody uses back to the system (see TRIM_EVERY)."""
+    if _MALLOC_TRIM is not None:
+        _MALLOC_TRIM(0)
+
+
+def _close_quietly(sock):
+    with contextlib.suppress(OSError):
+        sock.close()
+
+
+def _peer_of(sock):
+    try:
+        return sock.getpeername()[:2]
+    except OSError:
+        return "unknown", 0
+
+
+def _host(address):
+    return address.rsplit(":", 1)[0]
 
 
 def generate_secret():
@@ -411,11 +760,31 @@ def parse_settings(argv):
         history=cli.positive_int(args["--history"], "--history"),
         max_line=cli.positive_int(args["--max-line"], "--max-line", minimum=64),
         max_outbox=cli.positive_int(args["--max-outbox"], "--max-outbox", minimum=1024),
+        login_timeout=cli.positive_int(args["--login-timeout"], "--login-timeout", minimum=0),
+        max_connections=(None if args["--max-connections"] is None else
+                         cli.positive_int(args["--max-connections"], "--max-connections")),
+        max_pending_per_address=cli.positive_int(args["--max-pending-per-address"],
+                                                 "--max-pending-per-address"),
+        rate_limit=cli.positive_int(args["--rate-limit"], "--rate-limit", minimum=0),
+        rate_burst=cli.positive_int(args["--rate-burst"], "--rate-burst", minimum=0),
+        **tls_settings(args),
         log_level=level,
         log_format=log_format,
         monitor_port=monitor_port,
         monitor_bind=args["--monitor-bind"],
     )
+
+
+def tls_settings(args):
+    """The --tls-* options: all three files or none; --tls-required only with them."""
+    files = {name: args[f"--tls-{name}"] for name in ("cert", "key", "ca")}
+    given = [name for name, path in files.items() if path]
+    if given and len(given) < 3:
+        missing = ", ".join(f"--tls-{name}" for name in files if name not in given)
+        raise cli.UsageError(f"TLS needs --tls-cert, --tls-key and --tls-ca together; {missing} missing")
+    if args["--tls-required"] and not given:
+        raise cli.UsageError("--tls-required needs --tls-cert, --tls-key and --tls-ca")
+    return {f"tls_{name}": path for name, path in files.items()} | {"tls_required": args["--tls-required"]}
 
 
 def raise_open_files_limit():
@@ -439,6 +808,9 @@ def run(argv, stdout=sys.stdout, stderr=sys.stderr):
     sys.setswitchinterval(SWITCH_INTERVAL)
     try:
         server = Server(settings)
+    except tls.TlsConfigError as exc:
+        print(f"activitynet.server: {exc}", file=stderr)
+        return 2
     except StartError as exc:
         print(f"activitynet.server: {exc}", file=stderr)
         return 1

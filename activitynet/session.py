@@ -21,13 +21,15 @@ class Session:
     """One connection's role, user and link; see the module docstring."""
 
     # Slots: a server may hold 10,000 idle connections.
-    __slots__ = ("id", "outbox", "address", "since", "role", "username", "secret", "logged_in",
-                 "logged_in_at", "link", "bucket", "messages_in", "messages_out", "__weakref__")
+    __slots__ = ("id", "outbox", "address", "secure", "since", "role", "username", "secret",
+                 "logged_in", "logged_in_at", "link", "bucket", "messages_in", "messages_out",
+                 "__weakref__")
 
-    def __init__(self, session_id, outbox, address):
+    def __init__(self, session_id, outbox, address, secure=False):
         self.id = session_id
         self.outbox = outbox
         self.address = address  # "host:port" of the socket's peer
+        self.secure = secure  # the connection is TLS (--tls-required refuses a plain AUTHENTICATE)
         self.since = time.time()  # wall-clock time the connection opened
         self.role = NEW  # NEW -> CLIENT | SERVER
         self.username = None
@@ -35,7 +37,7 @@ class Session:
         self.logged_in = False
         self.logged_in_at = 0.0  # wall-clock time of the login
         self.link = None  # a recovery.Link, once this is an authenticated server link
-        self.bucket = None  # room for a rate limiter
+        self.bucket = None  # a limits.TokenBucket for a client connection (used by its reader only)
         self.messages_in = 0
         self.messages_out = 0
 

@@ -29,6 +29,7 @@ import time
 
 from . import netmap, protocol, recovery, stats
 from .connection import SLOW_CONSUMER, Outgoing
+from .credentials import same_secret
 from .dedup import Intake
 from .history import History
 from .netmap import Lineage, NetMap, Seeker
@@ -85,10 +86,10 @@ class State:
 
     # --- sessions --------------------------------------------------------------------------
 
-    def open_session(self, outbox, address):
-        """A new connection; returns its Session (see ``session``)."""
+    def open_session(self, outbox, address, secure=False):
+        """A new connection (``secure``: over TLS); returns its Session (see ``session``)."""
         with self._locked:
-            session = Session(next(self._session_ids), outbox, address)
+            session = Session(next(self._session_ids), outbox, address, secure)
             self._sessions[session] = True
             return session
 
@@ -169,7 +170,7 @@ class State:
             if username != session.username:
                 raise AuthenticationFail(f"the username {username} is not the one logged in on "
                                          f"this connection ({session.username})")
-            if username != ANONYMOUS and secret != session.secret:
+            if username != ANONYMOUS and not same_secret(secret, session.secret):
                 raise AuthenticationFail(f"the secret does not match the one of user {username}")
             activity["authenticated_user"] = username
             seq = next(self._seq)
@@ -380,6 +381,11 @@ class State:
                 bytes_out += session.outbox.bytes_out
             return bytes_in, bytes_out
 
+    def count_rate_limited(self):
+        """A client's reads were paused by its rate limit for the first time."""
+        with self._locked:
+            self.counters.clients_rate_limited += 1
+
     def count_invalid(self, kind):
         """A connection was refused with INVALID_MESSAGE of ``kind`` (``stats.INVALID_REASONS``)."""
         with self._locked:
@@ -438,7 +444,7 @@ class State:
                 return "ignored"
             self._users.add(username, secret)
             return "added"
-        if known == secret:
+        if same_secret(secret, known):
             return "same"
         self._delete_user(username)
         self._to_links(encode(protocol.user_conflict(username)))
@@ -598,7 +604,7 @@ def login_refusal(username, known_secret, secret):
         return f"attempt to login with wrong secret: {username} is not registered"
     if secret is None:
         return f"attempt to login with wrong secret: no secret given for {username}"
-    if known_secret != secret:
+    if not same_secret(secret, known_secret):  # constant time: the timing tells nothing
         return "attempt to login with wrong secret"
     return None
 

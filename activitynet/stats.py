@@ -13,9 +13,8 @@ per connection (read by its reader thread, written under its outbox lock) and ad
 read time. The field table ``FIELDS`` is the one list of counters: ``/varz``, ``/metrics`` and
 the tests all read it, so a new counter is added in exactly one place.
 
-Where the rate limiter (issue 11) counts: ``clients_rate_limited`` under the state lock when a
-client is refused or cut for its rate, and the refusal as an ``InvalidMessage`` of kind
-``rate_limited`` (the server counts every INVALID_MESSAGE by its ``kind``).
+The rate limiter (issue 11) never refuses: it pauses a client's reads. ``clients_rate_limited``
+counts each client once, at its first pause (``State.count_rate_limited``).
 """
 
 import dataclasses
@@ -67,7 +66,7 @@ FIELDS = (
     Field("slow_consumers_cut", "activitynet_slow_consumers_cut",
           "Connections closed because they read too slowly (outbox over its limit)."),
     Field("clients_rate_limited", "activitynet_rate_limited_clients",
-          "Clients refused or cut for sending faster than the rate limit."),
+          "Clients whose reads were paused by the rate limit (each counted once)."),
     Field("recoveries_run", "activitynet_recoveries",
           "Recovery routines run (one per new server link)."),
     Field("activities_recovered", "activitynet_recovered_activities",

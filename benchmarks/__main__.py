@@ -59,7 +59,10 @@ def parse(argv):
     unknown = [n for n in names if n not in SCENARIOS]
     if unknown:
         raise _UsageError(f"unknown scenario {', '.join(unknown)} (try --list)")
-    args.names = names or list(SCENARIOS)
+    full_only = [n for n in names if args.size not in SCENARIOS[n].sizes]
+    if full_only:
+        raise _UsageError(f"{', '.join(full_only)} only run with the full sizes (drop --{args.size})")
+    args.names = names or [n for n, s in SCENARIOS.items() if args.size in s.sizes]
     return args
 
 

@@ -31,6 +31,7 @@ CHAIN_WINDOW = 10_000
 FAN_OUT_WINDOW = 2_000  # x 200 receivers
 MANY_WINDOW = 500  # x 2,000 receivers
 LOGIN_THREADS = 16  # clients logging in at the same moment (each waits for its LOGIN_SUCCESS)
+RAW_THROUGHPUT = ["--rate-limit", "0"]  # see Context.cluster
 
 
 @dataclasses.dataclass
@@ -44,10 +45,12 @@ class Scenario:
 SCENARIOS = {}
 
 
-def scenario(name, description, *, full, short, smoke):
+def scenario(name, description, *, full, short=None, smoke=None):
+    """Register a scenario; one without ``short``/``smoke`` sizes runs only in a full run."""
     def register(function):
+        sizes = {"full": full, "short": short, "smoke": smoke}
         SCENARIOS[name] = Scenario(name, description, function,
-                                   {"full": full, "short": short, "smoke": smoke})
+                                   {grade: size for grade, size in sizes.items() if size is not None})
         return function
     return register
 
@@ -90,6 +93,10 @@ class Context:
                                    f"{'s' if len(peaks) > 1 else ''}", round(max(peaks), 1), "MB")
 
     def cluster(self, **kwargs):
+        """A Cluster whose servers run with ``--rate-limit 0`` unless ``extra`` says otherwise:
+        the scenarios measure raw throughput, which the default flood control (500 activities/s
+        per client, issue 11) would cap. The flood scenario (hostile.py) keeps the defaults."""
+        kwargs.setdefault("extra", RAW_THROUGHPUT)
         cluster = Cluster(**kwargs)
         self.clusters.append(cluster)
         if self.profile is not None:
@@ -701,4 +708,5 @@ def memory_history(ctx, count):
 
 
 from . import monitoring  # noqa: E402,F401  (the monitor's scenarios register themselves here too)
+from . import hostile  # noqa: E402,F401  (registers issue 11's scenarios; it imports from here)
 from . import healing  # noqa: E402,F401 (registers the self-healing scenario; issue 9)

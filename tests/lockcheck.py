@@ -2,8 +2,8 @@
 lock is held (see activitynet/state.py).
 
 ``install(monkeypatch)`` gives every ``State`` created afterwards a lock that counts, per thread,
-how deeply it is held, and makes every ``PlainTransport`` record a violation when ``send_some``,
-``shutdown`` or ``close`` is called by a thread holding a state lock. conftest.py installs it for
+how deeply it is held, and makes every ``PlainTransport`` and ``TlsTransport`` record a violation
+when ``send_some``, ``shutdown`` or ``close`` is called by a thread holding a state lock. conftest.py installs it for
 every test; ``Watch.violations`` lists what happened where, and ``Watch.calls`` counts the
 transport calls seen, so a test can show the instrument was not idle.
 """
@@ -12,7 +12,7 @@ import threading
 import traceback
 from collections import Counter
 
-from activitynet import connection, state
+from activitynet import connection, state, tls
 
 
 class Watch:
@@ -60,12 +60,13 @@ def install(monkeypatch):
         original_init(self, *args, lock=lock or TrackedLock(watch), **kwargs)
 
     monkeypatch.setattr(state.State, "__init__", tracked_init)
-    for name in ("send_some", "shutdown", "close"):
-        method = getattr(connection.PlainTransport, name)
+    for transport in (connection.PlainTransport, tls.TlsTransport):
+        for name in ("send_some", "shutdown", "close"):
+            method = getattr(transport, name)
 
-        def checked(self, *args, _method=method, _name=name):
-            watch.record(_name)
-            return _method(self, *args)
+            def checked(self, *args, _method=method, _name=name):
+                watch.record(_name)
+                return _method(self, *args)
 
-        monkeypatch.setattr(connection.PlainTransport, name, checked)
+            monkeypatch.setattr(transport, name, checked)
     return watch

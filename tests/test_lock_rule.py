@@ -30,7 +30,7 @@ def test_the_instrument_catches_a_send_under_the_state_lock(lock_rule):
 def test_paths_that_used_to_write_under_the_lock_now_write_after_it(make_server, lock_rule):
     """A vanishing client's load announce, a slow consumer's close, a deleted user's goodbye:
     each is decided under the lock and written, or closed, after it."""
-    server = make_server(max_outbox=1024 * 1024)
+    server = make_server(max_outbox=1024 * 1024, rate_limit=0)  # a fast stream: no flood control
     peer = FakeServer(server.port)
     peer.authenticate()
     peer.announce(load=100)  # busy: no redirects

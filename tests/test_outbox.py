@@ -33,7 +33,9 @@ def stream(sender, count, chunk=500):
 
 
 def test_a_reader_that_falls_behind_gets_everything_in_order(make_server):
-    server = make_server(max_outbox=64 * 1024 * 1024)
+    # rate_limit=0: this test streams 30,000 activities from one client as fast as it can, which
+    # the default flood control (500/s) would stretch to a minute; pacing is tested in test_limits_live.
+    server = make_server(max_outbox=64 * 1024 * 1024, rate_limit=0)
     late = sluggish_client(server.port)
     sender = login(server.port)
     count = 30_000  # about 8 MB: more than the kernel's socket buffers hold (4 MB at most here)
@@ -45,7 +47,7 @@ def test_a_reader_that_falls_behind_gets_everything_in_order(make_server):
 
 
 def test_a_reader_too_slow_to_keep_up_is_disconnected_and_others_carry_on(make_server):
-    server = make_server(max_outbox=1024 * 1024)
+    server = make_server(max_outbox=1024 * 1024, rate_limit=0)  # rate_limit=0: as above
     stuck = sluggish_client(server.port)
     sender = login(server.port)
     stream(sender, 30_000)  # about 8 MB for a reader whose outbox may hold 1 MB beyond the kernel's
