@@ -61,23 +61,26 @@ class Dialer(_Worker):
                 continue
             address, alone = dial
             host, _, port = address.rpartition(":")
+            if alone:
+                log.debug("dialling server %s alone: refusing other links until it answers", address,
+                         extra={"peer": address})
+            session = None
             try:
                 sock = socket.create_connection((host, int(port)), timeout=5)
             except OSError as exc:
+                reason = exc.strerror or str(exc)
+            else:
+                session, reason = self.serve_link(sock, address)  # None: never up (a failed TLS handshake)
+            state.dial_ended(session, time.monotonic())
+            if session is None:
                 tries = self._failures[address] = self._failures.get(address, 0) + 1
                 # A long partition must not flood the log: the first failure, then about one a minute.
                 level = logging.WARNING if tries == 1 or tries % 60 == 0 else logging.DEBUG
-                log.log(level, "cannot reach server %s (%s, try %d)", address, exc.strerror or exc, tries,
+                log.log(level, "cannot reach server %s (%s, try %d)", address, reason, tries,
                         extra={"peer": address})
-                state.dial_ended(None, time.monotonic())
                 continue
             self._failures.pop(address, None)
-            if alone:
-                log.info("dialled server %s alone: refusing other links until it answers", address,
-                         extra={"peer": address})
-            session, reason = self.serve_link(sock, address)
-            state.dial_ended(session, time.monotonic())
-            if session is not None and session.link is not None and session.link.refused:
+            if session.link is not None and session.link.refused:
                 log.error("server %s refused our secret; not redialling it", address, extra={"peer": address})
             elif not stopping.is_set():
                 log.warning("link to server %s ended (%s)", address, reason, extra={"peer": address})
