@@ -27,7 +27,14 @@ chaos: $(STAMP)
 	CHAOS_SEED=$(SEED) CHAOS_SECONDS=$(CHAOS_SECONDS) $(PY) -m pytest -m chaos -s tests/test_chaos.py tests/test_chaos_heal.py
 
 ## make bench: the benchmark suite (make bench-short: the under-2-minute version)
-bench: $(STAMP)
+BENCH_STAMP := $(VENV)/.installed-bench
+
+$(BENCH_STAMP): $(STAMP)
+	$(PY) -m pip install --quiet --disable-pip-version-check ".[bench]"
+	touch $(BENCH_STAMP)
+
+## make bench also draws the scaling curves (matplotlib, the "bench" extra, installed here only)
+bench: $(BENCH_STAMP)
 	$(PY) -m benchmarks
 
 bench-short: $(STAMP)

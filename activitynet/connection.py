@@ -85,12 +85,19 @@ class Outgoing:
     """Per thread: the connections sent to inside the current section, flushed when the
     outermost section ends (see the module docstring). ``with outgoing:`` is a section; they
     nest. ``holding(lock)`` gives the same sections with ``lock`` held inside them: taken once
-    the section is open, released before it ends and flushes."""
+    the section is open, released before it ends and flushes.
+
+    While a thread holds the lock, what it sends is gathered per connection and put on each
+    outbox once, just before the outermost hold releases the lock: a batch of N activities to
+    one peer costs one outbox append instead of N, and the order stays the one decided under
+    the lock."""
 
     __slots__ = ("local", "lock")
 
     def __init__(self, local=None, lock=None):
-        self.local = local or threading.local()  # .depth and .dirty (dict as ordered set), per thread
+        # Per thread: .depth, .dirty (dict as ordered set), .held (lock holds), .pending
+        # (connection -> chunks gathered under the lock, None while the lock is not held).
+        self.local = local or threading.local()
         self.lock = lock
 
     def holding(self, lock):
@@ -101,18 +108,37 @@ class Outgoing:
         depth = getattr(local, "depth", 0)
         if not depth:
             local.dirty = {}
+            local.held = 0
+            local.pending = None
         local.depth = depth + 1
         if self.lock is not None:
             try:
                 self.lock.acquire()
             except BaseException:
-                self.__exit__()
+                self._leave()
                 raise
+            if not local.held:
+                local.pending = {}
+            local.held += 1
         return self
 
     def __exit__(self, *exc):
         if self.lock is not None:
-            self.lock.release()
+            local = self.local
+            local.held -= 1
+            if not local.held:
+                pending = local.pending
+                local.pending = None
+                try:
+                    for conn, chunks in pending.items():
+                        conn.queue(chunks)
+                finally:
+                    self.lock.release()
+            else:
+                self.lock.release()
+        self._leave()
+
+    def _leave(self):
         local = self.local
         local.depth -= 1
         if not local.depth:
@@ -272,12 +298,31 @@ class Connection:
 
     def send(self, data):
         """Queue ``data`` (bytes) behind everything queued before; never touches the socket
-        itself (the flush comes at the end of this thread's ``Outgoing`` section)."""
+        itself (the flush comes at the end of this thread's ``Outgoing`` section). Under the
+        state lock it is only gathered, and queued when the lock is released (see Outgoing)."""
+        pending = getattr(self.outgoing.local, "pending", None)
+        if pending is None:
+            self.queue([data])
+        else:
+            chunks = pending.get(self)
+            if chunks is None:
+                pending[self] = [data]
+            else:
+                chunks.append(data)
+
+    def queue(self, chunks, close_reason=None):
+        """Put ``chunks`` (a list of bytes) on the outbox in one step; ``close_reason``: close
+        the connection once they reach the kernel."""
+        size = 0
+        for chunk in chunks:
+            size += len(chunk)
         with self._lock:
             if self.closed:
                 return
-            self._chunks.append(data)
-            self._queued += len(data)
+            if close_reason is not None:
+                self._close_when_drained = close_reason
+            self._chunks += chunks
+            self._queued += size
             if self._queued > self.max_outbox:
                 if not self._too_slow:
                     self._too_slow, self._watch = SLOW_CONSUMER_RULE.judge(
@@ -348,10 +393,13 @@ class Connection:
             return
 
     def send_last(self, data, reason):
-        """Queue ``data`` and close the connection once it has reached the kernel."""
-        with self._lock:
-            self._close_when_drained = reason
-        self.send(data)
+        """Queue ``data`` and close the connection once it has reached the kernel. What was
+        gathered for it under the state lock goes first, in the same step, so that nothing
+        is queued after the close was decided and no flush closes before ``data`` is out."""
+        pending = getattr(self.outgoing.local, "pending", None)
+        chunks = (pending.pop(self, None) if pending is not None else None) or []
+        chunks.append(data)
+        self.queue(chunks, close_reason=reason)
 
     def queued_bytes(self):
         return self._queued

@@ -1,5 +1,8 @@
 """One ``handle_<command>`` per inbound message, and the tables saying who may send what.
 
+Every handler gets the decoded ``message`` and the ``line`` it arrived as (None for a message
+inside a BUNDLE): a broadcast is relayed as the bytes received when nothing about it changes.
+
 A connection starts as ``new``; its first REGISTER or LOGIN makes it a ``client``, a correct
 AUTHENTICATE (or our own dialling) a ``server``. Each role has its own table, and a command
 outside the table of the connection's role is an INVALID_MESSAGE. Handlers decide what a command
@@ -56,11 +59,11 @@ class Goodbye(Exception):
 
 # --- client commands ----------------------------------------------------------------------------
 
-def handle_register(ctx, session, message):
+def handle_register(ctx, session, message, line=None):
     ctx.state.register_user(session, message["username"], message["secret"])
 
 
-def handle_login(ctx, session, message):
+def handle_login(ctx, session, message, line=None):
     username = message["username"]
     key = (host_of(session.address), username)
     try:
@@ -74,17 +77,17 @@ def handle_login(ctx, session, message):
         raise Goodbye(f"redirected to {hostname}:{port}", protocol.redirect(hostname, port))
 
 
-def handle_logout(ctx, session, message):
+def handle_logout(ctx, session, message, line=None):
     raise Goodbye("logged out")
 
 
-def handle_activity_message(ctx, session, message):
+def handle_activity_message(ctx, session, message, line=None):
     ctx.state.client_activity(session, message["username"], message.get("secret"), message["activity"])
 
 
 # --- server commands ----------------------------------------------------------------------------
 
-def handle_authenticate(ctx, session, message):
+def handle_authenticate(ctx, session, message, line=None):
     if session.role == SERVER:
         raise InvalidMessage("AUTHENTICATE on a link that is already authenticated", kind="not_allowed")
     if ctx.tls_required and not session.secure:
@@ -102,7 +105,7 @@ def handle_authenticate(ctx, session, message):
     ctx.state.accept_link(session)
 
 
-def handle_server_announce(ctx, session, message):
+def handle_server_announce(ctx, session, message, line=None):
     hostname, port = message["hostname"], int(message["port"])
     lineage = message.get("lineage")
     lineage = Lineage.from_wire(lineage) if lineage is not None else None
@@ -111,30 +114,31 @@ def handle_server_announce(ctx, session, message):
                  extra={"conn": session.address, "peer": f"{hostname}:{port}"})
 
 
-def handle_activity_broadcast(ctx, session, message):
-    ctx.state.server_activity(session, message["activity"], message["id"])
+def handle_activity_broadcast(ctx, session, message, line=None):
+    relayed = line if line is not None and protocol.relayable_broadcast(message, line) else None
+    ctx.state.server_activity(session, message["activity"], message["id"], relayed)
 
 
-def handle_sync_user(ctx, session, message):
+def handle_sync_user(ctx, session, message, line=None):
     ctx.state.merge_users(session, message["users"])
 
 
-def handle_new_user(ctx, session, message):
+def handle_new_user(ctx, session, message, line=None):
     ctx.state.new_user(session, message["username"], message["secret"])
 
 
-def handle_user_conflict(ctx, session, message):
+def handle_user_conflict(ctx, session, message, line=None):
     ctx.state.user_conflict(session, message["username"])
 
 
-def handle_activity_retrieve(ctx, session, message):
+def handle_activity_retrieve(ctx, session, message, line=None):
     lineage = message.get("lineage")
     lineage = Lineage.from_wire(lineage) if lineage is not None else None
     ctx.state.peer_asked(session, message["after"], message.get("marks"), message.get("held"),
                          lineage, message.get("alone") is True)
 
 
-def handle_bundle(ctx, session, message):
+def handle_bundle(ctx, session, message, line=None):
     """The Java implementation's envelope: each message handled in order as if it had arrived
     on this link on its own. It sends its reconnect sequence as one BUNDLE, so a BUNDLE may open
     a connection, provided it starts with AUTHENTICATE."""
@@ -147,7 +151,7 @@ def handle_bundle(ctx, session, message):
 
 # --- failure replies received -------------------------------------------------------------------
 
-def handle_invalid_message(ctx, session, message):
+def handle_invalid_message(ctx, session, message, line=None):
     if session.role == SERVER and message.get("refused"):  # the re-attachment rule: try the next
         log.info("server %s refused the link (%s): %s", session.address, message["refused"], message["info"],
                  extra={"conn": session.address})
@@ -157,7 +161,7 @@ def handle_invalid_message(ctx, session, message):
     raise Goodbye(f"peer sent INVALID_MESSAGE: {message['info']}")
 
 
-def handle_authentication_fail(ctx, session, message):
+def handle_authentication_fail(ctx, session, message, line=None):
     if session.role == SERVER:
         log.error("server %s refused our secret: %s", session.address, message["info"],
                   extra={"conn": session.address})
@@ -199,15 +203,21 @@ def dispatch_line(ctx, session, line):
     """Handle one received line. Heartbeats are ignored where a server link may send them."""
     if line == protocol.HEARTBEAT_LINE and session.role != CLIENT:
         return
+    message = schemas.decode_valid(line)  # the activity commands, decoded and validated at once
+    if message is not None:
+        dispatch_message(ctx, session, message, line, valid=True)
+        return
     try:
         message = protocol.decode(line)
     except InvalidMessage as exc:
         exc.kind = "not_json"
         raise
-    dispatch_message(ctx, session, message)
+    dispatch_message(ctx, session, message, line)
 
 
-def dispatch_message(ctx, session, message):
+def dispatch_message(ctx, session, message, line=None, valid=False):
+    """Handle one decoded message; ``line`` is the bytes it came in (None inside a BUNDLE),
+    ``valid`` says it already passed its schema."""
     command = message.get("command")
     if command is None:
         raise InvalidMessage("the message has no 'command' field", kind="schema")
@@ -218,12 +228,13 @@ def dispatch_message(ctx, session, message):
     if handler is None:
         known = command in schemas.COMMANDS or command in SERVER_HANDLERS or command in CLIENT_HANDLERS
         raise InvalidMessage(_refusal(session.role, command), kind="not_allowed" if known else "unknown_command")
-    try:
-        schemas.validate(message)
-    except InvalidMessage as exc:
-        exc.kind = "schema"
-        raise
-    handler(ctx, session, message)
+    if not valid:
+        try:
+            schemas.validate(message)
+        except InvalidMessage as exc:
+            exc.kind = "schema"
+            raise
+    handler(ctx, session, message, line)
 
 
 def host_of(address):

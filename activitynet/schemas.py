@@ -5,16 +5,26 @@ by fastjsonschema (about 2 µs a message instead of about 60 µs for an interpre
 when a message fails does python-jsonschema look at it again, to pick the most relevant error and
 say it in words a person can act on. Both are built once, at import, from the same files, and are
 only read afterwards (neither library promises thread-safe construction).
+
+The two commands that carry activities, nearly every message a busy server reads, have a faster
+path still: ``decode_valid`` reads a line straight into typed msgspec structs that say what their
+schema files say, parsing and validating in one C call (about 2.5 µs less per message). It only
+ever accepts: anything unusual (a failed check, an extra field, a lone surrogate, deep nesting,
+another command) returns None, and the general path (``protocol.decode`` and ``validate``)
+decides, with its words. tests/test_schemas.py holds the structs to the schema files.
 """
 
 import copy
 import json
 from pathlib import Path
+from typing import Annotated, Union
 
 import fastjsonschema
 import jsonschema
+import msgspec
 from jsonschema.exceptions import best_match
 
+from . import protocol
 from .protocol import InvalidMessage, type_name
 
 DEFINITIONS = "definitions.json"
@@ -102,3 +112,46 @@ def explain(command, message):
 
 def _article(word):
     return "an" if word[:1] in "aeiou" else "a"
+
+
+# --- the fast path of the two activity commands (see the module docstring) ----------------------
+
+_NonEmpty = Annotated[str, msgspec.Meta(min_length=1)]  # definitions.json: username, id
+
+
+class _ActivityMessage(msgspec.Struct, tag_field="command", tag="ACTIVITY_MESSAGE",
+                       forbid_unknown_fields=True):
+    """schemas/ACTIVITY_MESSAGE.json"""
+    username: _NonEmpty
+    activity: dict
+    secret: Union[str, None, msgspec.UnsetType] = msgspec.UNSET  # optional_secret
+
+    def as_message(self):
+        message = {"command": "ACTIVITY_MESSAGE", "username": self.username, "activity": self.activity}
+        if self.secret is not msgspec.UNSET:  # null stays null, as protocol.decode has it
+            message["secret"] = self.secret
+        return message
+
+
+class _ActivityBroadcast(msgspec.Struct, tag_field="command", tag="ACTIVITY_BROADCAST",
+                         forbid_unknown_fields=True):
+    """schemas/ACTIVITY_BROADCAST.json"""
+    activity: dict
+    id: _NonEmpty
+
+    def as_message(self):
+        return protocol.activity_broadcast(self.activity, self.id)
+
+
+_decode_activity_command = msgspec.json.Decoder(Union[_ActivityMessage, _ActivityBroadcast]).decode
+
+
+def decode_valid(line):
+    """An ACTIVITY_MESSAGE or ACTIVITY_BROADCAST line as the message ``protocol.decode`` would
+    return, already valid by its schema; None for any other line (then decode and validate)."""
+    if protocol.may_nest_too_deep(line):
+        return None
+    try:
+        return _decode_activity_command(line).as_message()
+    except (msgspec.MsgspecError, ValueError, RecursionError):
+        return None

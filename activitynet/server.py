@@ -104,6 +104,9 @@ SWITCH_INTERVAL = 0.1
 # an ACTIVITY_RETRIEVE (up to the whole history) is queued at once.
 SERVER_MAX_LINE = 64 * 1024 * 1024
 SERVER_MAX_OUTBOX = 1024 * 1024 * 1024
+# A reader thread holds the state lock for this many lines of a batch at most (about 0.2 ms of
+# work): fewer lock round trips and outbox appends, a bounded wait for everyone else.
+LINES_PER_HOLD = 64
 # A client in debt to its bucket reads on until the debt is worth this many seconds, then sleeps
 # it all at once: 20 short sleeps a second instead of one per line, the same rate on average.
 MIN_PAUSE = 0.05
@@ -544,23 +547,26 @@ class Server:
 
     def _handle_lines(self, session, lines, start, arrival):
         """Handle ``lines[start:]``; returns (ending or None, where to go on, seconds to pause):
-        stops early once the client's bucket says to pause."""
+        stops early once the client's bucket says to pause. The state lock is taken once per
+        LINES_PER_HOLD lines, not once per line; the pause is the caller's, never under it."""
         bucket = session.bucket
-        for index in range(start, len(lines)):
-            line = lines[index]
-            session.messages_in += 1
-            try:
-                handlers.dispatch_line(self.context, session, line)
-            except (ProtocolError, handlers.Goodbye) as exc:
-                if isinstance(exc, InvalidMessage):
-                    self.state.count_invalid(exc.kind)
-                return _ending_for(exc), len(lines), 0.0
-            if arrival is not None and arrival.ticket.pending and session.role != NEW:
-                self._logged_in(arrival)
-            if bucket is not None and session.role != SERVER:  # server links are exempt
-                wait = bucket.take(activity_cost(len(line)))
-                if wait >= MIN_PAUSE:
-                    return None, index + 1, wait
+        for hold in range(start, len(lines), LINES_PER_HOLD):
+            with self.state.batch():
+                for index in range(hold, min(hold + LINES_PER_HOLD, len(lines))):
+                    line = lines[index]
+                    session.messages_in += 1
+                    try:
+                        handlers.dispatch_line(self.context, session, line)
+                    except (ProtocolError, handlers.Goodbye) as exc:
+                        if isinstance(exc, InvalidMessage):
+                            self.state.count_invalid(exc.kind)
+                        return _ending_for(exc), len(lines), 0.0
+                    if arrival is not None and arrival.ticket.pending and session.role != NEW:
+                        self._logged_in(arrival)
+                    if bucket is not None and session.role != SERVER:  # server links are exempt
+                        wait = bucket.take(activity_cost(len(line)))
+                        if wait >= MIN_PAUSE:
+                            return None, index + 1, wait
         return None, len(lines), 0.0
 
     def _trust_as_server(self, session):

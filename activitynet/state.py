@@ -84,6 +84,13 @@ class State:
         self._names = collections.Counter()  # username -> its logged-in sessions (for the monitor)
         self._links = {}  # authenticated server sessions -> their recovery.Link
 
+    def batch(self):
+        """A section holding the state lock across several verbs (each takes it again: it is
+        reentrant), for a reader thread's batch of lines: one hold instead of one per line,
+        and what the batch sends is queued once per connection (see ``connection.Outgoing``).
+        Keep batches bounded: other connections wait for the lock meanwhile."""
+        return self._locked
+
     # --- sessions --------------------------------------------------------------------------
 
     def open_session(self, outbox, address, secure=False):
@@ -269,8 +276,11 @@ class State:
                 self._take(session, link.tick(now))
         return silent
 
-    def server_activity(self, session, activity, activity_id):
-        """An ACTIVITY_BROADCAST from a neighbour: de-duplicate, keep, deliver, forward."""
+    def server_activity(self, session, activity, activity_id, received=None):
+        """An ACTIVITY_BROADCAST from a neighbour: de-duplicate, keep, deliver, forward.
+
+        ``received`` is the line as it arrived, when it may be relayed unchanged
+        (``protocol.relayable_broadcast``): then it is not encoded again."""
         with self._locked:
             link = self._links.get(session)
             if link is not None:
@@ -283,7 +293,7 @@ class State:
                 return False
             duplicates = self._intake.duplicates
             # held back while an earlier one of its sender is missing, so possibly none or several
-            items = self._intake.receive(activity_id, parsed, (activity, activity_id, parsed, session),
+            items = self._intake.receive(activity_id, parsed, (activity, activity_id, parsed, session, received),
                                          time.monotonic())
             if self._intake.duplicates != duplicates:
                 self.counters.activities_deduplicated += 1
@@ -458,9 +468,13 @@ class State:
             client.send_last(goodbye, f"user {username} deleted by a conflict")
 
     def _publish_item(self, item):
-        """Publish an activity ``Intake`` released: (activity, id, parsed id, source session)."""
-        activity, activity_id, parsed, source = item
-        line = encode(protocol.activity_broadcast(activity, activity_id))
+        """Publish an activity ``Intake`` released: (activity, id, parsed id, source session,
+        the line as received when it may be relayed unchanged, else None)."""
+        activity, activity_id, parsed, source, received = item
+        if received is not None:
+            line = received + b"\n"
+        else:
+            line = encode(protocol.activity_broadcast(activity, activity_id))
         self._publish(activity_id, line, source=source, sent=parsed[2] / 1000 if parsed else None)
 
     def _publish(self, activity_id, line, source, sent=None):

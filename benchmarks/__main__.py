@@ -2,17 +2,19 @@
 
 Usage:
   python -m benchmarks [--short | --smoke] [--json PATH] [--only NAME]... [--strict]
-                       [--profile DIR]
+                       [--profile DIR] [--plots DIR]
   python -m benchmarks --list
 
 Options:
-  --short        smaller streams, the same targets: the whole suite in under two minutes
+  --short        smaller streams, the same targets, no scaling curves: under two minutes
   --smoke        the smallest version of every scenario, seconds each (what CI runs; its
                  figures mean nothing, only the correctness checks do)
   --json PATH    also write the table as JSON [default: bench-results.json]
   --only NAME    run only this scenario (repeat for several, or separate names with commas)
   --strict       exit 1 when a figure misses its target too (not only when a check fails)
   --profile DIR  sample every server with py-spy while it runs (needs: pip install py-spy)
+  --plots DIR    draw the scaling curves as PNG files there (needs matplotlib: pip install
+                 '.[bench]'); the full run draws them into benchmarks/plots/ by default
   --list         list the scenarios and exit
   -h --help      show this text
 
@@ -28,6 +30,7 @@ import time
 
 from .report import (MachineShare, Progress, Row, format_number, load_average, notes, table,
                      write_json)
+from . import plots
 from .scenarios import SCENARIOS, Context
 
 
@@ -52,6 +55,7 @@ def parse(argv):
     parser.add_argument("--only", action="append", default=[])
     parser.add_argument("--strict", action="store_true")
     parser.add_argument("--profile")
+    parser.add_argument("--plots")
     parser.add_argument("--list", action="store_true")
     args = parser.parse_args(argv)
     args.size = args.size or "full"
@@ -63,7 +67,13 @@ def parse(argv):
     if full_only:
         raise _UsageError(f"{', '.join(full_only)} only run with the full sizes (drop --{args.size})")
     args.names = names or [n for n, s in SCENARIOS.items() if args.size in s.sizes]
+    if args.plots is None and args.size == "full":
+        args.plots = str(plots.DEFAULT_DIR)
     return args
+
+
+def _size(value):
+    return "/".join(f"{v:,}" for v in value) if isinstance(value, list) else f"{value:,}"
 
 
 def _stop_on_sigterm(signum, frame):
@@ -99,7 +109,7 @@ def run(argv, stdout=sys.stdout, stderr=sys.stderr):
             scenario = SCENARIOS[name]
             sizes = scenario.sizes[args.size]
             ctx = Context(name, progress, profiler)
-            progress.begin(name, f"{scenario.description} ({', '.join(f'{k}={v:,}' for k, v in sizes.items())})")
+            progress.begin(name, f"{scenario.description} ({', '.join(f'{k}={_size(v)}' for k, v in sizes.items())})")
             try:
                 scenario.run(ctx, **sizes)
             except Exception as exc:  # noqa: BLE001
@@ -127,6 +137,13 @@ def run(argv, stdout=sys.stdout, stderr=sys.stderr):
           f"({args.size} sizes, {time.time() - started:.0f} s"
           + (f"; other processes used {others:.0%} of the CPU meanwhile)" if others is not None else ")"),
           file=stdout)
+    if args.plots and any("curve" in d for d in details.values()):
+        if plots.available():
+            written = plots.draw(details, args.plots, subtitle=f"{args.size} sizes, {time.strftime('%Y-%m-%d')}")
+            print(f"plots: {', '.join(str(p) for p in written)}", file=stdout)
+        else:
+            print("plots: not drawn, matplotlib is not installed (pip install '.[bench]', as make bench "
+                  "does)", file=stdout)
     if args.json:
         write_json(args.json, rows, command=command, size=args.size, started=started,
                    errors=errors, details=details, load=load, others=others)

@@ -18,9 +18,17 @@ class BenchmarkError(Exception):
     """A scenario could not run (a server did not start, a client could not log in, ...)."""
 
 
-def raise_open_files_limit(wanted):
-    """Let this process hold ``wanted`` sockets (up to the hard limit); returns the soft limit."""
+def raise_open_files_limit(wanted, raise_hard=False):
+    """Let this process hold ``wanted`` sockets (up to the hard limit, or past it with
+    ``raise_hard`` where the system allows, e.g. as root); returns the soft limit. Servers started
+    afterwards inherit the limits."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if raise_hard and hard != resource.RLIM_INFINITY and hard < wanted:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (soft, wanted))
+            hard = wanted
+        except (ValueError, OSError):
+            pass
     target = wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
     if soft < target:
         resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))

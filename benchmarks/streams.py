@@ -163,6 +163,82 @@ class Tally:
                 "unexpected": self.unexpected, "unexpected_lines": self.unexpected_lines}
 
 
+_STREAM_SEQ = re.compile(rb'"s":(\d+),"n":(\d+)')
+
+
+class MultiTally:
+    """One client's view of several senders' streams at once: activities ``{"s": sender,
+    "n": 0, 1, ...}``; each sender's stream must arrive complete, once and in order (streams may
+    interleave). The same interface as ``Tally`` for ``Receiver`` and the checks."""
+
+    def __init__(self, name, senders, per_sender):
+        self.name = name
+        self.senders = senders
+        self.per_sender = per_sender
+        self.expected = senders * per_sender
+        self.highest = [-1] * senders
+        self.counts = [0] * senders
+        self.received = 0
+        self.duplicates = self.out_of_order = self.unexpected = self.extra = 0
+        self.unexpected_lines = []
+        self.done_at = None
+        self.bytes = 0
+        self.pending = b""
+        self.closed = False
+        self.latencies = None
+
+    @property
+    def done(self):
+        return self.received >= self.expected
+
+    @property
+    def lost(self):
+        return sum(max(0, self.per_sender - c) for c in self.counts)
+
+    @property
+    def errors(self):
+        return self.lost + self.extra + self.duplicates + self.out_of_order + self.unexpected
+
+    def received_of(self, sender):
+        return self.counts[sender]
+
+    def feed(self, data, now):
+        self.bytes += len(data)
+        data = self.pending + data if self.pending else data
+        end = data.rfind(b"\n") + 1
+        body, self.pending = data[:end], data[end:]
+        pairs = _STREAM_SEQ.findall(body)
+        if len(pairs) != body.count(b"\n"):
+            for line in body.split(b"\n")[:-1]:
+                if not _STREAM_SEQ.search(line) and len(self.unexpected_lines) < 5:
+                    self.unexpected_lines.append(line[:300].decode(errors="replace"))
+            self.unexpected += body.count(b"\n") - len(pairs)
+        highest, counts = self.highest, self.counts
+        for s, n in pairs:
+            s, n = int(s), int(n)
+            if s >= self.senders or n >= self.per_sender:
+                self.extra += 1
+            elif n == highest[s] + 1:
+                highest[s] = n
+                counts[s] += 1
+                self.received += 1
+            elif n <= highest[s]:
+                self.duplicates += 1  # in order per sender: anything at or below is a repeat
+            else:
+                self.out_of_order += 1  # a gap: something before it is missing or late
+                highest[s] = n
+                counts[s] += 1
+                self.received += 1
+        if self.done_at is None and self.received >= self.expected:
+            self.done_at = now
+
+    def summary(self):
+        return {"client": self.name, "expected": self.expected, "received": self.received,
+                "lost": self.lost, "extra": self.extra, "duplicates": self.duplicates,
+                "out_of_order": self.out_of_order, "unexpected": self.unexpected,
+                "unexpected_lines": self.unexpected_lines}
+
+
 class Receiver:
     """One thread reading many client sockets (epoll) into their tallies until stopped."""
 

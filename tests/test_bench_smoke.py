@@ -19,6 +19,7 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:  # the benchmarks package lives at the root and is not installed
     sys.path.insert(0, str(ROOT))
 
+from benchmarks import plots  # noqa: E402
 from benchmarks.__main__ import parse  # noqa: E402
 from benchmarks.report import Row, Target, table  # noqa: E402
 from benchmarks.scenarios import SCENARIOS  # noqa: E402
@@ -34,7 +35,10 @@ def smoke(tmp_path_factory):
     """One ``python -m benchmarks --smoke`` run, as ``make bench-short`` would start it."""
     out = tmp_path_factory.mktemp("bench") / "results.json"
     env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    proc = subprocess.Popen([sys.executable, "-m", "benchmarks", "--smoke", "--json", str(out)],
+    command = [sys.executable, "-m", "benchmarks", "--smoke", "--json", str(out)]
+    if plots.available():  # the curves are drawn only where matplotlib is installed
+        command += ["--plots", str(out.parent / "plots")]
+    proc = subprocess.Popen(command,
                             cwd=str(ROOT), env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True, start_new_session=True)
     try:
@@ -47,11 +51,11 @@ def smoke(tmp_path_factory):
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
     assert out.exists(), f"no JSON written (exit {proc.returncode}):\n{stdout}\n{stderr[-3000:]}"
-    return proc.returncode, stdout, stderr, json.loads(out.read_text())
+    return proc.returncode, stdout, stderr, json.loads(out.read_text()), out.parent / "plots"
 
 
 def test_smoke_run_completes(smoke):
-    code, stdout, stderr, results = smoke
+    code, stdout, stderr, results, _plots = smoke
     assert results["errors"] == {}, results["errors"]
     assert code == 0, f"{stdout}\n{stderr[-3000:]}"
     assert "scenario" in stdout and "lost, duplicated or reordered" in stdout
@@ -62,7 +66,7 @@ def test_smoke_run_completes(smoke):
 @pytest.mark.parametrize("name", [name for name, s in SCENARIOS.items() if "smoke" in s.sizes])
 def test_scenario_checks_hold(smoke, name):
     """Every scenario with smoke sizes (tls-chain has none: test_tls_live.py covers it)."""
-    _code, _stdout, _stderr, results = smoke
+    _code, _stdout, _stderr, results, _plots = smoke
     rows = [row for row in results["rows"] if row["scenario"] == name]
     assert rows, f"{name} reported nothing"
     assert not any(row["figure"].startswith("did not complete") for row in rows), rows
@@ -73,6 +77,27 @@ def test_scenario_checks_hold(smoke, name):
     # every scenario reports its figures and the memory of its servers
     assert any(row["target"] for row in rows if row not in checks), rows
     assert any(row["figure"].startswith("peak RSS") and row["value"] > 0 for row in rows), rows
+
+
+def test_every_curve_is_measured_and_drawn_where_matplotlib_is(smoke):
+    """Each scaling curve leaves its points; with matplotlib installed each becomes a PNG."""
+    _code, _stdout, _stderr, results, directory = smoke
+    curves = {name: d["curve"] for name, d in results["details"].items() if "curve" in d}
+    assert set(curves) == {name for name in SCENARIOS if name.startswith("curve-")}
+    for spec in curves.values():
+        assert spec["x"] and all(len(ys) == len(spec["x"]) for ys in spec["series"].values()), spec
+    if not plots.available():
+        pytest.skip("matplotlib is not installed (make bench installs it): nothing drawn")
+    for spec in curves.values():
+        png = directory / spec["file"]
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", png
+
+
+def test_curves_are_left_out_of_the_short_run():
+    assert not any(name.startswith("curve-") for name in parse(["--short"]).names)
+    assert "curve-senders" in parse([]).names
+    with pytest.raises(Exception, match="only run with the full sizes"):
+        parse(["--short", "--only", "curve-senders"])
 
 
 def test_only_and_list_are_checked():

@@ -4,6 +4,8 @@ is disconnected without holding anyone else up."""
 
 import socket
 
+from activitynet import connection
+from activitynet.state import State
 from harness import LineClient, activity, login, wait_until
 
 PAD = "p" * 200
@@ -61,3 +63,51 @@ def test_a_reader_too_slow_to_keep_up_is_disconnected_and_others_carry_on(make_s
             break
         received.append(message["activity"]["n"])
     assert received == list(range(len(received))) and len(received) < 30_000
+
+
+class CountingConnection(connection.Connection):
+    """A Connection that records each step that puts bytes on its outbox."""
+
+    __slots__ = ("steps",)
+
+    def queue(self, chunks, close_reason=None):
+        self.steps.append((list(chunks), close_reason))
+        super().queue(chunks, close_reason)
+
+
+def read_to_eof(sock):
+    sock.settimeout(10)
+    data = b""
+    while chunk := sock.recv(4096):
+        data += chunk
+    return data
+
+
+def test_sends_under_the_state_lock_are_queued_once_per_connection_when_it_is_released():
+    """What a thread sends while it holds the state lock (a batch of lines: ``State.batch()``,
+    verbs nested in it) reaches the outbox in one step when the outermost hold ends, in the
+    order sent. A last message (``send_last``) takes what was gathered before it along, with
+    the close, so nothing gathered is lost behind a close."""
+    state = State("127.0.0.1", 1)
+    poller = connection.Poller()
+    ours, theirs = socket.socketpair()
+    conn = CountingConnection(connection.PlainTransport(ours), poller, state.outgoing, 1024, 1 << 20)
+    conn.steps = []
+    try:
+        with state.batch():
+            for n in range(3):
+                conn.send(b"%d\n" % n)
+            with state.batch():  # a verb inside the batch: the same hold
+                conn.send(b"3\n")
+            assert conn.steps == [] and conn.queued_bytes() == 0
+        assert conn.steps == [([b"0\n", b"1\n", b"2\n", b"3\n"], None)]
+        with state.batch():
+            conn.send(b"4\n")
+            conn.send_last(b"bye\n", "done")
+            assert conn.steps[1:] == [([b"4\n", b"bye\n"], "done")]
+        assert read_to_eof(theirs) == b"0\n1\n2\n3\n4\nbye\n"
+        assert conn.closed and conn.close_reason == "done"
+    finally:
+        conn.close()
+        theirs.close()
+        poller.close()

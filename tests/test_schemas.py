@@ -9,6 +9,8 @@ covers ``protocol.encode``/``decode``: one compact JSON object per line, UTF-8.
 import json
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from activitynet import handlers, protocol, schemas
 from activitynet.protocol import InvalidMessage, decode, encode
@@ -259,3 +261,178 @@ def test_decode_allows_nesting_up_to_the_bound_and_brackets_inside_strings():
     deep = b'{"a":' * 50 + b"1" + b"}" * 50
     assert decode(deep)["a"]["a"]["a"]
     assert decode(b'{"text": "' + b"[" * 1000 + b'"}') == {"text": "[" * 1000}
+
+
+# --- the fast codec and the reference agree -----------------------------------------------------
+# ``protocol`` decodes and encodes with msgspec and hands whatever msgspec refuses to the json
+# module, which holds the rules. Whichever of the two ran must make no difference.
+
+def _outcome(function, line):
+    try:
+        return "ok", function(line)
+    except InvalidMessage as exc:
+        return "invalid", exc.info
+
+
+@pytest.mark.parametrize("line", [
+    b'{"a": 9007199254740993}', b'{"a": 18446744073709551616}', b'{"a": -' + b"9" * 400 + b"}",
+    b'{"a": 1.00000000000000011102230246251565404236316680908203125}', b'{"a": 2.2250738585072011e-308}',
+    b'{"a": 1e400}', b'{"a": -0.0}', b'{"a": -0}', b'{"a": 1E2, "b": 0.1e1, "c": 1.5e-400}',
+    b'{"a": "\\ud800"}', b'{"a": "\\udc00x\\ud83d\\ude00"}', b'{"a": "\\u0000\\u00e9"}',
+    b'\xef\xbb\xbf{"a": 1}', b'{"a": 1, "a": 2}', b'{"a": "\x01"}', b'{"a": 1}\x0b', b'\xc2\xa0{"a": 1}',
+    b' {"a": []} ', b'{"a": 01}', b'{"a": 1.}', b'{"a": 1,}', b"{'a': 1}", b'{"a": NaN}',
+    b'{"a": "\xed\xa0\x80"}', b'{"a": "\xff"}', b"[1]", b"", b"  ", b"h",
+])
+def test_fast_decode_agrees_with_the_reference_on_edge_cases(line):
+    assert _outcome(decode, line) == _outcome(protocol.decode_reference, line)
+
+
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.integers(min_value=2 ** 60, max_value=2 ** 200)
+    | st.floats(allow_nan=False, allow_infinity=False) | st.text(),
+    lambda children: st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=5), children, max_size=4),
+    max_leaves=20)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.dictionaries(st.text(max_size=8), json_values, max_size=5), st.sampled_from([None, 1]),
+       st.booleans())
+def test_fast_codec_agrees_with_the_reference(message, indent, ascii_only):
+    """Any object, written compactly, indented or ASCII-escaped, decodes to the same value and
+    the same error either way; what ``encode`` writes decodes back to the message."""
+    line = json.dumps(message, indent=indent, ensure_ascii=ascii_only).replace("\n", " ").encode(
+        "utf-8", "surrogatepass")
+    assert _outcome(decode, line) == _outcome(protocol.decode_reference, line)
+    written = encode(message)
+    assert written.endswith(b"\n") and written.count(b"\n") == 1
+    written.decode("utf-8")  # valid UTF-8, even for lone surrogates
+    assert json.loads(written) == message == decode(written[:-1])
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.from_regex(rb"-?(0|[1-9][0-9]{0,30})(\.[0-9]{1,30})?([eE][-+]?[0-9]{1,3})?", fullmatch=True))
+def test_fast_decode_reads_every_number_as_the_reference_does(number):
+    line = b'{"n": ' + number + b"}"
+    fast, reference = _outcome(decode, line), _outcome(protocol.decode_reference, line)
+    assert fast == reference
+    if fast[0] == "ok":
+        assert type(fast[1]["n"]) is type(reference[1]["n"])
+
+
+
+# --- activity ids ---------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("activity_id, parsed", [
+    ("0123456789abcdef:1:1700000000000", ("0123456789abcdef", 1, 1700000000000)),
+    ("0123456789abcdef:" + "9" * 18 + ":" + "9" * 15, ("0123456789abcdef", 10 ** 18 - 1, 10 ** 15 - 1)),
+    ("0123456789abcdef:007:0", ("0123456789abcdef", 7, 0)),
+])
+def test_parse_id_reads_our_ids(activity_id, parsed):
+    assert protocol.parse_id(activity_id) == parsed
+
+
+@pytest.mark.parametrize("activity_id", [
+    "0123456789abcdef:" + "9" * 19 + ":1", "0123456789abcdef:1:" + "9" * 16, "0123456789ABCDEF:1:1",
+    "0123456789abcde:1:1", "0123456789abcdeff:1:1", "0123456789abcdeg:1:1", "0123456789abcdef::1",
+    "0123456789abcdef:1:", "0123456789abcdef:1:1:1", "0123456789abcdef:1", "0123456789abcdef:+1:1",
+    "0123456789abcdef:-1:1", "0123456789abcdef: 1:1", "0123456789abcdef:1_0:1", "0123456789abcdef:\u0661:1",
+    "0123456789abcdef:1:\u00b2", "0123456789abcdef:1:1\n", "0123456789abcde\u0660:1:1", "", ":", "::", "a1",
+])
+def test_parse_id_leaves_every_other_id_foreign(activity_id):
+    """Foreign ids are opaque: anything not exactly our format (digits of other scripts
+    included) is None, and is de-duplicated by the whole id instead."""
+    assert protocol.parse_id(activity_id) is None
+
+
+# --- the fast path of the activity commands (schemas.decode_valid) ------------------------------
+# decode_valid may only ever accept, and what it accepts must be exactly what protocol.decode
+# reads and the schema files pass; on valid activity messages without extra fields it must accept.
+
+def _general_path(line):
+    """What the general path makes of a line: the message if it is a valid activity command."""
+    try:
+        message = decode(line)
+        if message.get("command") not in ("ACTIVITY_MESSAGE", "ACTIVITY_BROADCAST"):
+            return "other command"
+        schemas.validate(message)
+    except InvalidMessage as exc:
+        return "invalid: " + exc.info
+    return message
+
+
+def _agrees(line):
+    """The fast path and the general path agree on ``line``; returns the fast path's answer."""
+    fast, general = schemas.decode_valid(line), _general_path(line)
+    if fast is not None:
+        # Equal, and the activity written the same: its keys in order, 1 and 1.0 and true apart.
+        assert fast == general and encode(fast["activity"]) == encode(general["activity"])
+    return fast, general
+
+
+@pytest.mark.parametrize("line, accepted", [
+    (b'{"command":"ACTIVITY_MESSAGE","username":"a","secret":"s","activity":{"x":[1,2.5,null]}}', True),
+    (b'{"activity":{},"username":"a","command":"ACTIVITY_MESSAGE"}', True),  # any order, no secret
+    (b'{"command":"ACTIVITY_MESSAGE","username":"a","secret":null,"activity":{}}', True),
+    (b'{"command":"ACTIVITY_MESSAGE","username":"\\ud83d\\ude00","activity":{}}', True),  # 1 character
+    (b'{"command":"ACTIVITY_BROADCAST","activity":{"n":' + b"9" * 40 + b'},"id":"x"}', True),
+    (b'{"command":"ACTIVITY_BROADCAST",\r"activity":{},"id":"x"}', True),
+    (b'{"command":"ACTIVITY_MESSAGE","username":"a","username":"b","activity":{}}', True),  # last wins
+    (b'{"command":"ACTIVITY_MESSAGE","username":"","activity":{}}', False),
+    (b'{"command":"ACTIVITY_MESSAGE","username":1,"activity":{}}', False),
+    (b'{"command":"ACTIVITY_MESSAGE","username":"a","secret":1,"activity":{}}', False),
+    (b'{"command":"ACTIVITY_MESSAGE","username":"a","activity":[]}', False),
+    (b'{"command":"ACTIVITY_MESSAGE","username":"a"}', False),
+    (b'{"command":"ACTIVITY_BROADCAST","activity":{},"id":""}', False),
+    (b'{"command":"ACTIVITY_BROADCAST","activity":{},"id":7}', False),
+    (b'{"command":"ACTIVITY_BROADCAST","activity":null,"id":"x"}', False),
+    (b'{"command":"ACTIVITY_BROADCAST","activity":{"n":1e400},"id":"x"}', False),
+    (b'{"command":"ACTIVITY_BROADCAST","activity":{"n":NaN},"id":"x"}', False),
+    (b'{"command":"ACTIVITY_BROADCAST","activity":{"t":"\\ud800"},"id":"x"}', False),  # general path relays it
+    (b'{"command":"ACTIVITY_BROADCAST","activity":{"t":"\xed\xa0\x80"},"id":"x"}', False),
+    (b'{"command":"ACTIVITY_BROADCAST","activity":{"t":"\xff"},"id":"x"}', False),
+    (b'\xef\xbb\xbf{"command":"ACTIVITY_BROADCAST","activity":{},"id":"x"}', False),
+    (b'{"command":"ACTIVITY_BROADCAST","activity":{},"id":"x","extra":1}', False),  # valid: general path
+    (b'{"command":"ACTIVITY_MESSAGE","command":"LOGIN","username":"a","activity":{}}', False),
+    (b'{"command":"LOGIN","command":"ACTIVITY_MESSAGE","username":"a","activity":{}}', False),
+    (b'{"command":"ACTIVITY_BROADCAST","activity":{"a":' + b"[" * 101 + b"]" * 101 + b'},"id":"x"}', False),
+    (b'{"command":"LOGIN","username":"a"}', False),
+    (b'{"username":"a","activity":{}}', False),
+    (b'[{"command":"ACTIVITY_BROADCAST","activity":{},"id":"x"}]', False),
+    (b'{"command":"ACTIVITY_BROADCAST","activity":{},"id":"x"', False),
+])
+def test_fast_path_of_activity_commands_agrees_with_the_schemas(line, accepted):
+    fast, _ = _agrees(line)
+    assert (fast is not None) == accepted
+
+
+wrong_values = st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=2) \
+    | st.lists(st.integers(), max_size=2) | st.dictionaries(st.text(max_size=3), json_values, max_size=3)
+FIELDS = {"username": st.text(min_size=1, max_size=4), "secret": st.none() | st.text(max_size=4),
+          "activity": st.dictionaries(st.text(max_size=5), json_values, max_size=4),
+          "id": st.text(min_size=1, max_size=12), "extra": wrong_values}
+KNOWN = {"ACTIVITY_MESSAGE": {"command", "username", "secret", "activity"},
+         "ACTIVITY_BROADCAST": {"command", "activity", "id"}}
+
+
+@settings(max_examples=600, deadline=None)
+@given(st.sampled_from(["ACTIVITY_MESSAGE", "ACTIVITY_BROADCAST", "ACTIVITY_BROADCAST", "LOGIN", ""]),
+       st.data(), st.permutations(range(6)), st.sampled_from([None, 1]), st.booleans())
+def test_fast_path_agrees_with_the_schemas_on_any_message(command, data, order, indent, ascii_only):
+    """Any mix of right, wrong and missing fields, in any order, written any way: the fast path
+    accepts exactly the valid activity messages without fields of other commands, and reads them
+    as the general path does (values, types, the activity's key order)."""
+    message = {"command": command}
+    for name in FIELDS:  # mostly the command's own fields, mostly right
+        own = name in KNOWN.get(command, ())
+        kinds = ["right"] * 4 + ["wrong", "absent"] if own else ["absent"] * 6 + ["right", "wrong"]
+        kind = data.draw(st.sampled_from(kinds))
+        if kind != "absent" and (name != "extra" or kind == "wrong"):
+            message[name] = data.draw(FIELDS[name] if kind == "right" else wrong_values, label=name)
+    keys = sorted(message, key=lambda key: order[list(message).index(key)])
+    line = json.dumps({key: message[key] for key in keys}, indent=indent, ensure_ascii=ascii_only) \
+        .replace("\n", " ").encode("utf-8", "surrogatepass")
+    fast, general = _agrees(line)
+    if isinstance(general, dict) and set(general) <= KNOWN[command]:
+        assert fast is not None
+    if fast is not None:
+        assert type(general) is dict

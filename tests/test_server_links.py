@@ -12,6 +12,7 @@ never announces itself nor asks for history is caught up and forwarded activitie
 ``recovery.LIVE_AFTER`` (1 s): tests wait for that with generous timeouts, never with sleeps.
 """
 
+import json
 import logging
 import socket
 import threading
@@ -339,6 +340,34 @@ def test_broadcast_from_a_peer_is_delivered_once(server, fakes):
     assert client.expect("ACTIVITY_BROADCAST") == broadcast("dup-1", text="first")
     assert client.expect("ACTIVITY_BROADCAST") == broadcast("dup-2", text="second")
     assert server.state.has_activity("dup-1") and server.snapshot()["history"]["entries"] == 2
+
+
+def test_broadcast_is_relayed_as_received_unless_it_must_change(server, fakes):
+    """A broadcast goes on as the bytes it came in (whitespace and escapes included: still one
+    valid JSON object), except where they must change: a carriage return (a Java peer's
+    ``readLine`` would end the line there), a leading BOM, or fields other than command, activity
+    and id are encoded again, compactly, as a broadcast we build."""
+    a = live_fake(fakes, server)
+    b = live_fake(fakes, server)
+    client = login(server.port)
+    lines = [
+        (b'{ "command" : "ACTIVITY_BROADCAST", "activity": {"t": "\\u00e9\\ud800", "n": 1.50}, "id": "r-1" }', None),
+        (b'{"command":"ACTIVITY_BROADCAST",\r"activity":{"n":2},"id":"r-2"}',
+         b'{"command":"ACTIVITY_BROADCAST","activity":{"n":2},"id":"r-2"}'),
+        (b'\xef\xbb\xbf{"command":"ACTIVITY_BROADCAST","activity":{"n":3},"id":"r-3"}',
+         b'{"command":"ACTIVITY_BROADCAST","activity":{"n":3},"id":"r-3"}'),
+        (b'{"command":"ACTIVITY_BROADCAST","activity":{"n":4},"id":"r-4","extra":[1]}',
+         b'{"command":"ACTIVITY_BROADCAST","activity":{"n":4},"id":"r-4"}'),
+    ]
+    for line, _ in lines:
+        a.send_raw(line + b"\n")
+    for line, expected in lines:
+        for peer in (client, b):
+            got = peer.recv_line()
+            while b"ACTIVITY_BROADCAST" not in got:  # heartbeats, b's SERVER_ANNOUNCEs
+                got = peer.recv_line()
+            assert got == (expected or line)
+            assert json.loads(got)["command"] == "ACTIVITY_BROADCAST"
 
 
 def test_broadcast_is_forwarded_to_other_neighbours_not_back(server, fakes):
