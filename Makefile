@@ -3,7 +3,9 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
-SOURCES := setup.cfg setup.py $(wildcard activitynet/*.py activitynet/client/*.py activitynet/web/* schemas/*.json)
+# every file the installed copy in .venv is made from (each package of setup.cfg, the schemas)
+SOURCES := setup.cfg setup.py README.rst $(wildcard activitynet/*.py activitynet/client/*.py \
+           activitynet/testing/*.py activitynet/web/* schemas/*.json)
 SEED ?= $(shell date +%s)
 CHAOS_SECONDS ?= 300
 
@@ -18,9 +20,11 @@ $(STAMP): $(SOURCES)
 test: $(STAMP)
 	$(PY) -m pytest
 
-## make run: start one server on the default port 3780 (ARGS="-lp 3781 -rh ..." to change)
+## make run: start one server on the default port 3780 (ARGS="-lp 3781 -rh ..." to change),
+## keeping its users and history in DATA_DIR (default .data/ here; see README, Durable store)
+DATA_DIR ?= .data
 run: $(STAMP)
-	cd /tmp && $(abspath $(PY)) -m activitynet.server -lh 127.0.0.1 $(ARGS)
+	cd /tmp && $(abspath $(PY)) -m activitynet.server -lh 127.0.0.1 --data-dir $(abspath $(DATA_DIR)) $(ARGS)
 
 ## make chaos SEED=n CHAOS_SECONDS=s: the long fault-injection run, replayable by its seed
 chaos: $(STAMP)

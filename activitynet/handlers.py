@@ -234,6 +234,8 @@ def dispatch_message(ctx, session, message, line=None, valid=False):
         except InvalidMessage as exc:
             exc.kind = "schema"
             raise
+    if session.held and handler is not handle_register:
+        ctx.state.send_held(session)  # REGISTER_SUCCESS replies first, once committed
     handler(ctx, session, message, line)
 
 

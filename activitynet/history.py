@@ -16,13 +16,15 @@ class History:
     Every entry gets a history number (1, 2, ...) that is never reused, so a link can remember
     "everything after number n" even while old entries are evicted."""
 
-    def __init__(self, size):
+    def __init__(self, size, restored=(), last_no=0):
+        """``restored``: (number, id, line) entries kept by a durable store, oldest first and
+        numbered without gaps; numbering goes on after ``last_no`` (the store's last position)."""
         self.size = size
-        self._entries = deque()  # (number, id, line bytes)
-        self._index = {}  # id -> number
-        self._numbers = itertools.count(1)
-        self.last_no = 0
-        self.bytes = 0  # of the lines held
+        self._entries = deque(restored[-size:] if size else ())  # (number, id, line bytes)
+        self._index = {entry[1]: entry[0] for entry in self._entries}  # id -> number
+        self._numbers = itertools.count(last_no + 1)
+        self.last_no = last_no
+        self.bytes = sum(len(entry[2]) for entry in self._entries)  # of the lines held
 
     def add(self, activity_id, line):
         self.last_no = number = next(self._numbers)
@@ -46,6 +48,12 @@ class History:
             return []
         start = max(0, number - self._entries[0][0] + 1)
         return list(itertools.islice(self._entries, start, None))
+
+    @property
+    def first_no(self):
+        """The number of the oldest entry held (``last_no + 1`` when empty): older ones were
+        evicted, and only a durable store may still hold them."""
+        return self._entries[0][0] if self._entries else self.last_no + 1
 
     def number_of(self, activity_id):
         """The history number of ``activity_id``, or None if it is not (or no longer) cached."""

@@ -421,8 +421,9 @@ class MonitorHandler(http.server.BaseHTTPRequestHandler):
                                                f"{', '.join(sorted(ROUTES) + ['/'])}"})
         except BadRequest as exc:
             self.reply_json(400, {"error": str(exc)})
-        except (BrokenPipeError, ConnectionResetError):
-            log.debug("monitor: %s went away while %s was answered", self.client_address, self.path)
+        except (BrokenPipeError, ConnectionResetError):  # the asker went away: nobody to answer
+            self.close_connection = True
+            log.debug("monitor: %s went away before its answer to %s", self.address_string(), self.path)
         except Exception:
             log.exception("monitor: error answering %s", self.path)
             self.reply_json(500, {"error": f"internal error answering {url.path}; see the server's log"})

@@ -3,7 +3,8 @@
 Validation runs on every inbound message, so the fast path uses validators compiled to Python code
 by fastjsonschema (about 2 µs a message instead of about 60 µs for an interpreted validator). Only
 when a message fails does python-jsonschema look at it again, to pick the most relevant error and
-say it in words a person can act on. Both are built once, at import, from the same files, and are
+say it in words a person can act on. Both are built once from the same files, by ``load`` at
+start-up or on first use (nothing is read at import), and are
 only read afterwards (neither library promises thread-safe construction).
 
 The two commands that carry activities, nearly every message a busy server reads, have a faster
@@ -16,6 +17,7 @@ decides, with its words. tests/test_schemas.py holds the structs to the schema f
 
 import copy
 import json
+import threading
 from pathlib import Path
 from typing import Annotated, Union
 
@@ -65,10 +67,56 @@ def load_schemas(directory=None):
     return schemas
 
 
-SCHEMAS = load_schemas()
-COMMANDS = frozenset(SCHEMAS)
-_FAST = {command: fastjsonschema.compile(schema) for command, schema in SCHEMAS.items()}
-_EXPLAIN = {command: jsonschema.Draft7Validator(schema) for command, schema in SCHEMAS.items()}
+_building = threading.Lock()  # one build at a time; readers never take it
+
+
+def load(directory=None):
+    """Build the validators from the schema files in ``directory`` (default: ``schema_dir()``)
+    and use them from now on. The first use of this module calls it; a server may call it at
+    start-up to pay the cost there, a test to validate against other files. Not meant to run
+    while other threads validate: the tables are swapped one by one."""
+    with _building:
+        _build(directory)
+
+
+def _load_once():
+    with _building:
+        if isinstance(_FAST, _NotLoaded):  # another thread may have loaded while we waited
+            _build(None)
+
+
+def _build(directory):
+    global SCHEMAS, COMMANDS, _FAST, _EXPLAIN
+    found = load_schemas(directory)
+    fast = {command: fastjsonschema.compile(schema) for command, schema in found.items()}
+    explaining = {command: jsonschema.Draft7Validator(schema) for command, schema in found.items()}
+    SCHEMAS, COMMANDS, _FAST, _EXPLAIN = found, frozenset(found), fast, explaining
+
+
+class _NotLoaded(dict):
+    """Holds the place of a validator table until the first lookup loads the real one, a plain
+    dict; from then on lookups never come here, and ``validate`` is as fast as if built at
+    import."""
+
+    def __init__(self, table):
+        super().__init__()
+        self.table = table
+
+    def __missing__(self, command):
+        _load_once()
+        return globals()[self.table][command]
+
+
+_FAST = _NotLoaded("_FAST")
+_EXPLAIN = _NotLoaded("_EXPLAIN")
+
+
+def __getattr__(name):
+    """``SCHEMAS`` and ``COMMANDS`` before the first load: load; they are plain globals after."""
+    if name in ("SCHEMAS", "COMMANDS"):
+        _load_once()
+        return globals()[name]
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def validate(message):

@@ -20,6 +20,10 @@ Options (the Project 1 flag in brackets):
                             parent is redialled at least once a second) [default: 5000]
   --bind=ADDRESS            address to listen on [default: 0.0.0.0]
   --history=N               activities kept for partition recovery [default: 100000]
+  --data-dir=DIR            keep users, blocked names, this server's identity and the
+                            activity history in DIR, across restarts (default: in memory
+                            only; every start is a fresh server)
+  --disk-history=N          activities kept in --data-dir for recovery [default: 1000000]
   --max-line=BYTES          longest line accepted from a client [default: 1048576]
   --max-outbox=BYTES        unsent bytes past which a client is watched: it is disconnected
                             if it reads under 1 MB/s, or at 4x this [default: 16777216]
@@ -78,7 +82,7 @@ import sys
 import threading
 import time
 
-from . import __version__, cli, handlers, limits, logs, stats, tls
+from . import __version__, cli, handlers, limits, logs, schemas, stats, tls
 from .connection import Connection, LineTooLong, PlainTransport, Poller
 from .limits import Admission, Deadlines, LimitLog, LoginThrottle, Refused, TokenBucket, activity_cost
 from .links import Dialer, Heartbeat
@@ -86,6 +90,7 @@ from .monitor import Monitor
 from .protocol import InvalidMessage, ProtocolError, encode
 from .session import NEW, SERVER
 from .state import State
+from .store import Store, StoreError
 
 log = logging.getLogger("activitynet.server" if __name__ == "__main__" else __name__)
 
@@ -153,6 +158,8 @@ class Settings:
     log_format: str = "text"
     monitor_port: int | None = None  # None: no monitor
     monitor_bind: str = "127.0.0.1"
+    data_dir: str | None = None
+    disk_history: int = 1_000_000
 
 
 # Settings never shown by the monitor (/varz lists the others).
@@ -223,7 +230,34 @@ class Server:
         # Plug-in points for the monitor: callables returning what is wrong (a string) or None
         # (a durable store's status, say), and the network map (see ``MonitorView``).
         self.health_checks = []
-        self.network_map = None  # set to the state's once it exists
+        self.network_map = None  # set to the state's once it exists (``_listen``)
+        # StoreError for a bad data directory (locked, not ours, newer): before the listener
+        opening = time.perf_counter()
+        self.store = Store.open(settings.data_dir, settings.disk_history) if settings.data_dir else None
+        try:
+            self._listen(settings)
+        except BaseException:
+            if self.store is not None:
+                self.store.close()
+            raise
+        if self.store is not None:
+            snapshot = self.state.snapshot()
+            log.info("data store %s: %d users, %d blocked names, %d activities in memory, origin %s; "
+                     "loaded in %.3f s", self.store.path, snapshot["users"], snapshot["blocked"],
+                     snapshot["history"]["entries"], self.state.origin, time.perf_counter() - opening)
+            self.health_checks.append(self._store_problem)
+        self.poller = Poller()
+        self.context = handlers.Context(self.state, self.secret, self._trust_as_server,
+                                        throttle=LoginThrottle(), tls_required=settings.tls_required)
+        self._departures = itertools.count()  # accepted connections ended (next() is atomic)
+        self._conns_lock = threading.Lock()  # guards _conns
+        self._conns = {}  # open Connection -> the thread serving it
+        self._arrivals = queue.SimpleQueue()  # accepted, waiting for their thread; None: stop
+        self._threads = [Heartbeat(self.state, self.stopping), _Thread(self._spawn, "spawner"),
+                         Dialer(self.state, self.stopping, self.serve_link)]
+
+    def _listen(self, settings):
+        """The listener, the state (from the store, if any), TLS, limits and the monitor."""
         self.listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         self.listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
@@ -235,9 +269,13 @@ class Server:
         self.listener.listen(LISTEN_BACKLOG)
         self.port = self.listener.getsockname()[1]
         joins = ([(settings.remote_host, settings.remote_port)] if settings.remote_host else []) + settings.joins
-        self.state = State(settings.local_host, self.port, history_size=settings.history,
-                           counters=self.counters, joins=[f"{host}:{port}" for host, port in joins],
-                           grace=settings.grace)
+        try:
+            self.state = State(settings.local_host, self.port, history_size=settings.history,
+                               counters=self.counters, store=self.store,
+                               joins=[f"{host}:{port}" for host, port in joins], grace=settings.grace)
+        except BaseException:
+            self.listener.close()
+            raise
         self.tls_server = self.tls_client = None
         if settings.tls_cert:
             try:
@@ -262,19 +300,20 @@ class Server:
                                  f"{settings.monitor_port}: {exc.strerror or exc}") from exc
             self.state.set_monitor(f"{settings.local_host}:{self.monitor.address[1]}")  # in our map entry
         self.network_map = self.state.network  # issue 9's map, for the monitor's /networkz
-        self.poller = Poller()
-        self.context = handlers.Context(self.state, self.secret, self._trust_as_server,
-                                        throttle=LoginThrottle(), tls_required=settings.tls_required)
-        self._departures = itertools.count()  # accepted connections ended (next() is atomic)
-        self._conns_lock = threading.Lock()  # guards _conns
-        self._conns = {}  # open Connection -> the thread serving it
-        self._arrivals = queue.SimpleQueue()  # accepted, waiting for their thread; None: stop
-        self._threads = [Heartbeat(self.state, self.stopping), _Thread(self._spawn, "spawner"),
-                         Dialer(self.state, self.stopping, self.serve_link)]
 
     @property
     def address(self):
         return self.settings.local_host, self.port
+
+    def _store_problem(self):
+        """The monitor's health check (``health_checks``): the store's error while it fails."""
+        status = self.store.status()
+        return f"data store {status['path']} cannot write: {status['error']}" if status["failing"] else None
+
+    def store_status(self):
+        """The data store's ``status()`` (plain data; ``failing`` is True while the disk refuses
+        writes: the server still relays), or None without --data-dir. For health checks."""
+        return None if self.store is None else self.store.status()
 
     def serve_forever(self):
         self._stopped.clear()
@@ -503,7 +542,7 @@ class Server:
                 if ending is not None:
                     break
         except LineTooLong as exc:
-            ending = _ending_for(InvalidMessage(
+            ending = self._send_held(session) or _ending_for(InvalidMessage(
                 f"line of {exc.args[0]} bytes or more is longer than the limit of {conn.max_line} bytes",
                 kind="line_too_long"))
             self.state.count_invalid("line_too_long")
@@ -550,24 +589,49 @@ class Server:
         stops early once the client's bucket says to pause. The state lock is taken once per
         LINES_PER_HOLD lines, not once per line; the pause is the caller's, never under it."""
         bucket = session.bucket
-        for hold in range(start, len(lines), LINES_PER_HOLD):
+        index = start
+        result = None
+        while index < len(lines) and result is None:
+            if _outside_the_hold(session, lines[index]):
+                result = self._handle_line(session, lines, index, arrival, bucket)
+                index += 1
+                continue
             with self.state.batch():
-                for index in range(hold, min(hold + LINES_PER_HOLD, len(lines))):
-                    line = lines[index]
-                    session.messages_in += 1
-                    try:
-                        handlers.dispatch_line(self.context, session, line)
-                    except (ProtocolError, handlers.Goodbye) as exc:
-                        if isinstance(exc, InvalidMessage):
-                            self.state.count_invalid(exc.kind)
-                        return _ending_for(exc), len(lines), 0.0
-                    if arrival is not None and arrival.ticket.pending and session.role != NEW:
-                        self._logged_in(arrival)
-                    if bucket is not None and session.role != SERVER:  # server links are exempt
-                        wait = bucket.take(activity_cost(len(line)))
-                        if wait >= MIN_PAUSE:
-                            return None, index + 1, wait
-        return None, len(lines), 0.0
+                end = min(index + LINES_PER_HOLD, len(lines))
+                while index < end and result is None and not _outside_the_hold(session, lines[index]):
+                    result = self._handle_line(session, lines, index, arrival, bucket)
+                    index += 1
+        ending, index, wait = result or (None, len(lines), 0.0)
+        if session.held:  # replies waiting for a commit: out before the flush or the last reply
+            ending = self._send_held(session) or ending
+        return ending, index, wait
+
+    def _handle_line(self, session, lines, index, arrival, bucket):
+        """Handle ``lines[index]``; None to go on, else what ``_handle_lines`` returns."""
+        line = lines[index]
+        session.messages_in += 1
+        try:
+            handlers.dispatch_line(self.context, session, line)
+        except (ProtocolError, handlers.Goodbye) as exc:
+            if isinstance(exc, InvalidMessage):
+                self.state.count_invalid(exc.kind)
+            return _ending_for(exc), len(lines), 0.0
+        if arrival is not None and arrival.ticket.pending and session.role != NEW:
+            self._logged_in(arrival)
+        if bucket is not None and session.role != SERVER:  # server links are exempt
+            wait = bucket.take(activity_cost(len(line)))
+            if wait >= MIN_PAUSE:
+                return None, index + 1, wait
+        return None
+
+    def _send_held(self, session):
+        """Replies held for a commit go out before the batch's flush or the last reply
+        (``State.send_held``); returns an ending if one could not be committed."""
+        try:
+            self.state.send_held(session)
+        except ProtocolError as exc:
+            return _ending_for(exc)
+        return None
 
     def _trust_as_server(self, session):
         """Give an authenticated server link the larger limits servers are trusted with."""
@@ -609,6 +673,8 @@ class Server:
         if self.monitor is not None:
             self.monitor.stop(timeout=max(0.5, deadline - time.monotonic()))
         self.poller.close()
+        if self.store is not None:
+            self.store.close()  # commits what is queued, then releases the data directory
 
     def public_settings(self):
         """The settings in force, for the monitor: everything but secrets."""
@@ -663,6 +729,17 @@ class MonitorView:
     def network(self):
         network_map = self.server.network_map
         return network_map() if network_map is not None else None
+
+
+def _outside_the_hold(session, line):
+    """Whether a reader handles ``line`` outside the batch hold of the state lock because its
+    handling waits: any line but a REGISTER after REGISTERs whose replies wait for the data store
+    (``State.send_held``), and a peer's ACTIVITY_RETRIEVE (answered from disk, with a data
+    store). A byte test, so a false positive costs only a lock hand-over; were one missed, the
+    handling would still be correct, only under the lock."""
+    if session.held is not None:
+        return b'"command":"REGISTER"' not in line and b'"command": "REGISTER"' not in line
+    return session.role == SERVER and b"ACTIVITY_RETRIEVE" in line
 
 
 def _ending_for(exc):
@@ -778,6 +855,8 @@ def parse_settings(argv):
         log_format=log_format,
         monitor_port=monitor_port,
         monitor_bind=args["--monitor-bind"],
+        data_dir=_data_dir(args["--data-dir"]),
+        disk_history=cli.positive_int(args["--disk-history"], "--disk-history"),
     )
 
 
@@ -791,6 +870,12 @@ def tls_settings(args):
     if args["--tls-required"] and not given:
         raise cli.UsageError("--tls-required needs --tls-cert, --tls-key and --tls-ca")
     return {f"tls_{name}": path for name, path in files.items()} | {"tls_required": args["--tls-required"]}
+
+
+def _data_dir(value):
+    if value is not None and not value.strip():
+        raise cli.UsageError("--data-dir must not be empty")
+    return value
 
 
 def raise_open_files_limit():
@@ -810,6 +895,7 @@ def run(argv, stdout=sys.stdout, stderr=sys.stderr):
         return status
     logs.configure(settings.log_level, settings.log_format, stderr)
     raise_open_files_limit()
+    schemas.load()  # build the validators now, not on the first message (~40 ms)
     threading.stack_size(THREAD_STACK)
     sys.setswitchinterval(SWITCH_INTERVAL)
     try:
@@ -817,7 +903,7 @@ def run(argv, stdout=sys.stdout, stderr=sys.stderr):
     except tls.TlsConfigError as exc:
         print(f"activitynet.server: {exc}", file=stderr)
         return 2
-    except StartError as exc:
+    except (StartError, StoreError) as exc:
         print(f"activitynet.server: {exc}", file=stderr)
         return 1
     if settings.secret is None:

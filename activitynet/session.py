@@ -23,7 +23,7 @@ class Session:
     # Slots: a server may hold 10,000 idle connections.
     __slots__ = ("id", "outbox", "address", "secure", "since", "role", "username", "secret",
                  "logged_in", "logged_in_at", "link", "bucket", "messages_in", "messages_out",
-                 "__weakref__")
+                 "held", "__weakref__")
 
     def __init__(self, session_id, outbox, address, secure=False):
         self.id = session_id
@@ -40,6 +40,9 @@ class Session:
         self.bucket = None  # a limits.TokenBucket for a client connection (used by its reader only)
         self.messages_in = 0
         self.messages_out = 0
+        # [(store ticket, REGISTER_SUCCESS line, username)] waiting for their commit; only the
+        # connection's own reader thread touches it (see State.send_held)
+        self.held = None
 
     def __repr__(self):
         return f"<Session {self.id} {self.address} {self.role}>"

@@ -24,6 +24,8 @@ added when its session closes (``traffic`` sums both).
 
 import collections
 import itertools
+import logging
+import sqlite3
 import threading
 import time
 
@@ -36,21 +38,33 @@ from .netmap import Lineage, NetMap, Seeker
 from .protocol import AuthenticationFail, InvalidMessage, LoginFailed, Refused, RegisterFailed, encode
 from .recovery import Step
 from .session import CLIENT, SERVER, Session
-from .users import Users
+from .store import StoreError
+from .users import DurableUsers, Users
+
+log = logging.getLogger(__name__)
 
 ANONYMOUS = "anonymous"
 # Servers' clocks may differ by about this much (seconds). An activity is delivered to the clients
 # that were logged in when it was sent, give or take this slack: a client logging in to a server
 # that is being refilled after a restart, a late join or a partition is not sent old history.
 CLOCK_SLACK = 5.0
+# With a data store, a peer's ACTIVITY_RETRIEVE is answered from disk for what memory no longer
+# holds, outside the lock; memory may evict more meanwhile, read from disk in another pass. After
+# this many passes (a stream far faster than the disk reads) the answer goes on from memory.
+DISK_PASSES = 5
+# A registration's reply waits at most this long for its commit (see ``send_held``).
+COMMIT_WAIT = 30.0
 
 
 class State:
     """Sessions, clients, links, users and history of one server; see the module docstring."""
 
     def __init__(self, hostname, port, history_size=100_000, origin=None, clock_slack=CLOCK_SLACK,
-                 users=None, history=None, outgoing=None, lock=None, counters=None, joins=(),
-                 grace=netmap.GRACE):
+                 users=None, history=None, outgoing=None, lock=None, counters=None, store=None,
+                 joins=(), grace=netmap.GRACE):
+        """``store``: a ``store.Store`` (``--data-dir``) to start from and record into; without
+        one everything is in memory and a new server starts empty. ``joins``, ``grace``: see
+        the network map below."""
         self.outgoing = outgoing or Outgoing()
         self._locked = self.outgoing.holding(lock or threading.RLock())  # see the module doc
         self.clock_slack = clock_slack
@@ -60,7 +74,7 @@ class State:
         self.hostname = hostname
         self.port = port
         self.origin = origin or protocol.new_origin()
-        self._seq = itertools.count(1)
+        self._next_seq = itertools.count(1).__next__
         self._session_ids = itertools.count(1)
         self._users = Users() if users is None else users
         self._history = History(history_size) if history is None else history
@@ -79,6 +93,10 @@ class State:
         self._dial_alone = False  # our pending dial says alone: refuse every diallers meanwhile
         self._map_gen = 0  # bumped when the map changes; a link is sent the map when behind
         self._peers = recovery.PeerMemory()
+        self._store = store
+        self._answering = set()  # link sessions being answered from disk (not live yet)
+        if store is not None:
+            self._restore(store, history_size)
         self._sessions = {}  # every open session (dict as ordered set)
         self._clients = {}  # logged-in client sessions, in login order
         self._names = collections.Counter()  # username -> its logged-in sessions (for the monitor)
@@ -126,6 +144,8 @@ class State:
     # --- clients ---------------------------------------------------------------------------
 
     def register_user(self, session, username, secret):
+        """With a data store, REGISTER_SUCCESS is held on the session until the user is
+        committed, and sent by ``send_held``; see there. NEW_USER goes to peers at once."""
         with self._locked:
             if session.logged_in:
                 raise InvalidMessage(f"REGISTER is not allowed once logged in (logged in as {session.username})",
@@ -135,11 +155,52 @@ class State:
             if self._users.is_blocked(username):
                 raise RegisterFailed(f"{username} cannot be registered: it was registered twice "
                                      "with different secrets and is blocked network-wide")
+            if self._store is not None and self._store.failing:
+                raise RegisterFailed(f"{username} cannot be registered now: this server cannot "
+                                     "store new users (its disk is failing); try again later")
             session.role = CLIENT
-            self._users.add(username, secret)
+            ticket = self._users.add(username, secret)
             self.counters.registrations += 1
-            session.send(encode(protocol.info_message("REGISTER_SUCCESS", f"register success for {username}")))
+            reply = encode(protocol.info_message("REGISTER_SUCCESS", f"register success for {username}"))
+            if ticket is None:
+                session.send(reply)
+            else:
+                if session.held is None:
+                    session.held = []
+                session.held.append((ticket, reply, username))
             self._to_links(encode(protocol.new_user(username, secret)))
+
+    def send_held(self, session, timeout=COMMIT_WAIT):
+        """Send the REGISTER_SUCCESS replies held on ``session``, once their users are committed.
+
+        Why this keeps the promise and the order: the reply is not queued at all before the
+        commit (a queued reply could be flushed by another thread, such as the poller finishing
+        an earlier write). The connection's reader thread calls this before it handles any
+        command other than REGISTER on that connection, before its last reply, and at the end
+        of each batch of lines it read. Until then nothing else can be sent to the connection:
+        it is not logged in (REGISTER is refused once logged in), and only logged-in clients are
+        sent anything by other threads. So a pipelined REGISTER, LOGIN gets REGISTER_SUCCESS
+        first, and a batch of N pipelined REGISTERs waits for about one group commit, not N
+        (``store.Ticket``). Raises RegisterFailed (the earlier replies sent) for a user the
+        store could not commit; that user stays known in memory and to peers until a restart."""
+        held, session.held = session.held, None
+        if not held:
+            return
+        failure = None
+        try:  # tickets settle in the order they were taken: the last one settles last
+            if not held[-1][0].wait(timeout):
+                failure = held[0][2], f"the data store did not commit it within {timeout:.0f} s"
+        except StoreError:
+            pass  # the first failed one is found below
+        for ticket, _reply, username in held:
+            if failure is None and ticket.error() is not None:
+                failure = username, ticket.error()
+        with self._locked:
+            for _ticket, reply, username in held:
+                if failure and failure[0] == username:
+                    raise RegisterFailed(f"{username} could not be stored on this server's disk "
+                                         f"({failure[1]}); it will not survive a restart of this server")
+                session.send(reply)
 
     def login(self, session, username, secret):
         """Log ``session`` in; returns a (hostname, port) to redirect it to, or None."""
@@ -180,13 +241,13 @@ class State:
             if username != ANONYMOUS and not same_secret(secret, session.secret):
                 raise AuthenticationFail(f"the secret does not match the one of user {username}")
             activity["authenticated_user"] = username
-            seq = next(self._seq)
+            seq = self._next_seq()
             sent_ms = int(time.time() * 1000)
             activity_id = protocol.make_id(self.origin, seq, sent_ms)
             line = encode(protocol.activity_broadcast(activity, activity_id))
             self._intake.sent(self.origin, seq)
             self.counters.activities_from_clients += 1
-            self._publish(activity_id, line, source=None)
+            self._publish(activity_id, line, source=None, origin=self.origin, seq=seq)
 
     def load(self):
         with self._locked:
@@ -237,20 +298,55 @@ class State:
         """A neighbour's ACTIVITY_RETRIEVE: everything before this goes into the answer,
         everything after is forwarded live, so nothing is missed and nothing overtakes.
         A dialler that sends its ``lineage`` is one of ours re-attaching: the rule
-        (``netmap.accepts``) decides here, under the lock, whether it may hang below us."""
-        with self._locked:
-            link = self._links.get(session)
-            if link is None:
-                return
-            if lineage is not None and not link.initiator:
-                refusal = netmap.accepts(self.lineage, lineage, alone)
-                if refusal is None and self._dial_alone:
-                    refusal = netmap.Refusal(netmap.REFUSED_BUSY, f"{self.me} is dialling alone")
-                if refusal is not None:
-                    raise Refused(refusal)
-                link.peer_key = lineage.address()
-                self._map_update()
-            self._take(session, link.peer_asked(), request=(after, marks, held))
+        (``netmap.accepts``) decides here, under the lock, before anything is answered, whether it
+        may hang below us.
+
+        With a data store, what the peer lacks beyond the in-memory history is sent first, read
+        from disk outside the lock (``_send_stored``), positions below the oldest in memory; the
+        link stays out of live forwarding (and ``tick``'s replay) meanwhile. If memory evicted
+        more in the meantime, that range is read from disk too, before the memory part."""
+        if lineage is not None:
+            with self._locked:
+                link = self._links.get(session)
+                if link is not None and not link.initiator:
+                    refusal = netmap.accepts(self.lineage, lineage, alone)
+                    if refusal is None and self._dial_alone:
+                        refusal = netmap.Refusal(netmap.REFUSED_BUSY, f"{self.me} is dialling alone")
+                    if refusal is not None:
+                        raise Refused(refusal)
+                    link.peer_key = lineage.address()
+                    self._map_update()
+        stored_below = 1  # positions below this were sent from disk
+        after_position = None
+        use_disk = self._store is not None
+        for attempt in range(DISK_PASSES + 1):
+            with self._locked:
+                link = self._links.get(session)
+                if link is None:
+                    self._answering.discard(session)
+                    return
+                first = self._history.first_no
+                if not use_disk or first <= stored_below or attempt == DISK_PASSES:
+                    if use_disk and first > stored_below:
+                        log.warning("answering %s from memory after %d passes over the disk: "
+                                    "positions %d to %d may be missing", session.address,
+                                    DISK_PASSES, stored_below, first - 1)
+                    self._answering.discard(session)
+                    self._take(session, link.peer_asked(), request=(after, marks, held))
+                    return
+                self._answering.add(session)
+                if attempt == 0:
+                    after_position = self._history.number_of(after) if after else None
+            if attempt == 0:
+                if after and after_position is None:
+                    after_position = self._stored_position(after)
+                if not marks and after_position is None:  # all of memory, as without a store
+                    use_disk = False
+                    continue
+                if after_position is None:  # foreign ids: only those memory would send
+                    after_position = first - 1
+            self._send_stored(session, marks, after_position, stored_below, first)
+            stored_below = first
 
     def peer_refused(self, session):
         """The peer we dialled refused our secret."""
@@ -273,7 +369,8 @@ class State:
                     silent.append(session.outbox)
                     continue
                 session.outbox.send(protocol.HEARTBEAT)
-                self._take(session, link.tick(now))
+                if session not in self._answering:
+                    self._take(session, link.tick(now))
         return silent
 
     def server_activity(self, session, activity, activity_id, received=None):
@@ -287,6 +384,8 @@ class State:
                 link.peer_sent_activity(time.monotonic())
                 if link.peer_key is not None:
                     self._peers.heard(link.peer_key, activity_id)
+                    if self._store is not None:
+                        self._store.set_peer_mark(link.peer_key, activity_id)
             parsed = protocol.parse_id(activity_id)
             if parsed is None and activity_id in self._history:
                 self.counters.activities_deduplicated += 1
@@ -407,6 +506,59 @@ class State:
         with self._locked:
             return activity_id in self._history
 
+    # --- the data store (--data-dir) --------------------------------------------------------
+
+    def _restore(self, store, history_size):
+        """Start from what ``store`` kept (before serving, so no lock is needed): the origin and
+        its sequence (``next_seq`` never hands out a number twice), users and blocked names,
+        the newest ``history_size`` activities numbered on from the store's last position, the
+        per-origin marks (de-duplication, and what we ask peers for) and the per-peer marks."""
+        loaded = store.load(history_size)
+        self.origin = loaded.origin
+        self._next_seq = store.next_seq
+        self._users = DurableUsers(store, loaded.users, loaded.blocked)
+        self._history = History(history_size, _gap_free_tail(loaded.history), loaded.last_position)
+        self._intake.restore(loaded.marks)
+        for peer_key, activity_id in loaded.peer_marks.items():
+            self._peers.heard(peer_key, activity_id)
+
+    def _stored_position(self, activity_id):
+        """The stored position of ``activity_id`` (outside the lock), or None."""
+        try:
+            return self._store.position_of(activity_id)
+        except (StoreError, sqlite3.Error) as exc:
+            log.error("data store: cannot look up %s for recovery: %s", activity_id, exc)
+            return None
+
+    def _send_stored(self, session, marks, after_position, start, below):
+        """Queue on ``session``, outside the lock, the stored activities the peer lacks with
+        positions in [start, below) (``store.Store.missing``'s rule), in order. Those were
+        evicted from memory but may still wait for the writer: flush first. A failing store is
+        logged; the answer then goes on from memory."""
+        sent = 0
+        began = time.perf_counter()
+        # Each chunk goes out at once (no lock is held), so the peer works on one while the next
+        # is read, rather than after the whole answer at the end of this thread's section.
+        flush = getattr(session.outbox, "flush", None)
+        try:
+            self._store.flush(COMMIT_WAIT)
+            for chunk in self._store.missing(marks, after_position, below, start):
+                for _position, _id, line in chunk:
+                    session.outbox.send(line)
+                sent += len(chunk)
+                if flush is not None:
+                    flush()
+        except (StoreError, sqlite3.Error) as exc:
+            log.error("data store: cannot read activities for %s from disk (%s); it gets what "
+                      "memory holds", session.address, exc)
+        if sent:
+            log.info("sent %s %d activities from disk (positions %d to %d) in %.3f s",
+                     session.address, sent, start, below - 1, time.perf_counter() - began)
+            with self._locked:
+                session.messages_out += sent
+                if session.link is not None:
+                    session.link.activities_sent += sent
+
     # --- internals (call with the lock held) -----------------------------------------------
 
     def _new_link(self, session, link):
@@ -475,12 +627,18 @@ class State:
             line = received + b"\n"
         else:
             line = encode(protocol.activity_broadcast(activity, activity_id))
-        self._publish(activity_id, line, source=source, sent=parsed[2] / 1000 if parsed else None)
+        if parsed is None:
+            self._publish(activity_id, line, source=source)
+        else:
+            self._publish(activity_id, line, source=source, sent=parsed[2] / 1000, origin=parsed[0], seq=parsed[1])
 
-    def _publish(self, activity_id, line, source, sent=None):
+    def _publish(self, activity_id, line, source, sent=None, origin=None, seq=None):
         """Keep, deliver and forward an activity. ``sent`` (wall-clock seconds, known for our own
-        ids) lets an old one recovered from history skip clients that logged in after it."""
+        ids) lets an old one recovered from history skip clients that logged in after it;
+        ``origin`` and ``seq`` (of our ids) are for the data store."""
         self._history.add(activity_id, line)
+        if self._store is not None:
+            self._store.add_activity(self._history.last_no, activity_id, line, origin, seq)
         # The hot loop: a session's send inlined (count, queue), one frame less per delivery.
         counters = self.counters
         if sent is None or sent >= self._newest_login - self.clock_slack:
@@ -597,6 +755,15 @@ class State:
                 if address in inside and entry.up and self.netmap.linked(address, entry.up):
                     links.append({"a": address, "b": entry.up})
             return {"me": self.me, "root": self.lineage.chain()[0], "servers": servers, "links": links}
+
+
+def _gap_free_tail(entries):
+    """The newest run of ``entries`` (number, id, line) whose numbers have no gap: ``History``
+    finds entries by number arithmetic (a store that dropped writes on a failing disk has gaps)."""
+    start = len(entries) - 1
+    while start > 0 and entries[start - 1][0] == entries[start][0] - 1:
+        start -= 1
+    return entries[max(start, 0):]
 
 
 SYNC_USER_CHUNK = 5000

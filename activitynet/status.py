@@ -164,7 +164,8 @@ def render(gathered):
     widths = [max(len(r[i]) for r in rows) for i in range(4)] if rows else []
     name_width = max(map(len, names), default=0)
     seen = "the whole network" if network.get("source") == "network map" else "this server and its neighbours"
-    out = [f"{len(lines)} servers, {len(network['links'])} links ({seen}, asked {network['self']}; * = asked)"]
+    links = len(network["links"])
+    out = [f"{len(lines)} servers, {links} link{'' if links == 1 else 's'} ({seen}, asked {network['self']}; * = asked)"]
     for name, cells in zip(names, rows):
         out.append(f"{name:<{name_width}}  " + "  ".join(
             f"{cell:<{width}}" if i in (1, 2) else f"{cell:>{width}}" for i, (cell, width) in enumerate(zip(cells, widths))))

@@ -42,3 +42,22 @@ class Users:
 
     def __contains__(self, username):
         return username in self._users
+
+
+class DurableUsers(Users):
+    """The same directory, each change also recorded in a ``store.Store`` (``--data-dir``).
+
+    Recording is an O(1) queue append, fine under the state lock. ``add`` returns the store's
+    ``Ticket``: REGISTER_SUCCESS waits for it (see ``State.register_user``)."""
+
+    def __init__(self, store, users=None, blocked=()):
+        super().__init__(users, blocked)
+        self._store = store
+
+    def add(self, username, secret):
+        super().add(username, secret)
+        return self._store.add_user(username, secret)
+
+    def block(self, username):
+        super().block(username)
+        self._store.block_name(username)

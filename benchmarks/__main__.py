@@ -30,6 +30,7 @@ import time
 
 from .report import (MachineShare, Progress, Row, format_number, load_average, notes, table,
                      write_json)
+from . import durable  # noqa: F401  (registers the durable-store scenarios)
 from . import plots
 from .scenarios import SCENARIOS, Context
 

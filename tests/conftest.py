@@ -7,6 +7,7 @@ import pytest
 from activitynet.testing.netcut import Relay
 
 import lockcheck
+from certs import OPENSSL, SKIP_REASON, make_certs
 from harness import LocalServer, ServerProcess, server_errors
 
 
@@ -90,3 +91,11 @@ def recorders():
     yield opened
     for recorder in opened:
         recorder.close()
+
+
+@pytest.fixture(scope="session")
+def certs(tmp_path_factory):
+    """The test CAs and certificates (tests/certs.py), made once a run; skips without openssl."""
+    if OPENSSL is None:
+        pytest.skip(SKIP_REASON)
+    return make_certs(tmp_path_factory.mktemp("certs"))

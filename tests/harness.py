@@ -5,7 +5,6 @@ pass on a slow, busy machine. Every message a test client receives is validated 
 schema, so code and ``schemas/`` cannot drift apart.
 """
 
-import contextlib
 import json
 import logging
 import os
@@ -16,10 +15,9 @@ import subprocess
 import sys
 import threading
 import time
-import types
 from pathlib import Path
 
-from activitynet import schemas, testing
+from activitynet import protocol, schemas, testing
 from activitynet.server import Server, Settings
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -88,7 +86,7 @@ class LineClient:
             line = self.recv_line(timeout)
             if line is None:
                 return None
-            if skip_heartbeats and line == b"h":
+            if skip_heartbeats and line == protocol.HEARTBEAT_LINE:
                 continue
             message = json.loads(line)
             assert isinstance(message, dict), line
@@ -156,7 +154,7 @@ class LocalServer:
         options.update(settings)
         self.server = Server(Settings(**options))
         self.port = self.server.port
-        self.state = _StateForTestClient(self.server.state)  # tests read snapshot() and users()
+        self.state = self.server.state  # its public verbs only: load(), has_activity(), ...
         self.thread = threading.Thread(target=self.server.serve_forever, name=f"server-{self.port}")
         self.thread.start()
 
@@ -181,28 +179,6 @@ class LocalServer:
         self.thread.join(timeout=10)
         self.server.server_close()
         assert not self.thread.is_alive()
-
-
-class _StateForTestClient:
-    """``State`` as tests/test_client.py still reads it (``lock``, ``links``, ``users``): copies
-    from ``State.snapshot()``. Goes when that file reads the snapshot itself (the client split)."""
-
-    def __init__(self, state):
-        self._state = state
-        self.lock = contextlib.nullcontext()
-
-    def __getattr__(self, name):
-        return getattr(self._state, name)
-
-    @property
-    def users(self):
-        return self._state.user_directory()[0]
-
-    @property
-    def links(self):
-        return {link["id"]: types.SimpleNamespace(
-                    load=link["load"], port=int(link["peer"].rsplit(":", 1)[1]) if link["peer"] else None)
-                for link in self._state.snapshot()["links"]}
 
 
 def wait_links(*servers_and_counts, timeout=TIMEOUT):

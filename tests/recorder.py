@@ -168,24 +168,21 @@ def log_in_here(port, name, username="anonymous", secret=None, timeout=TIMEOUT, 
 
 def try_login(port, username, secret, timeout=TIMEOUT):
     """The reply command to LOGIN (LOGIN_SUCCESS or LOGIN_FAILED); the connection is closed."""
-    client = LineClient(port, timeout=timeout)
-    try:
-        client.send({"command": "LOGIN", "username": username, "secret": secret})
-        reply = client.recv()
-        assert reply is not None, f"LOGIN {username} on {port}: closed without a reply"
-        return reply["command"]
-    finally:
-        client.close()
+    return _reply_to("LOGIN", port, username, secret, timeout)
 
 
 def try_register(port, username, secret, timeout=TIMEOUT):
     """The reply command to REGISTER (REGISTER_SUCCESS or REGISTER_FAILED); the connection is
     closed."""
+    return _reply_to("REGISTER", port, username, secret, timeout)
+
+
+def _reply_to(command, port, username, secret, timeout):
     client = LineClient(port, timeout=timeout)
     try:
-        client.send({"command": "REGISTER", "username": username, "secret": secret})
+        client.send({"command": command, "username": username, "secret": secret})
         reply = client.recv()
-        assert reply is not None, f"REGISTER {username} on {port}: closed without a reply"
+        assert reply is not None, f"{command} {username} on {port}: closed without a reply"
         return reply["command"]
     finally:
         client.close()

@@ -40,6 +40,8 @@ replayed (thread timing aside). The bounded version runs in every ``make test``.
 the run's timeline (faults, client lives, what was sent, what one observer received) and every
 server's log are written to ``chaos.txt`` in the test's tmp_path; ``CHAOS_DUMP=1`` writes it
 for a passing run too, and ``CHAOS_DEBUG=1`` starts the servers with ``--log-level debug``.
+``CHAOS_DATA_DIRS=1`` gives every server a ``--data-dir`` (in tmp_path) that a killed server keeps
+when it restarts; every name that got REGISTER_SUCCESS must then exist everywhere, killed or not.
 """
 
 import heapq
@@ -59,6 +61,7 @@ from harness import TIMEOUT, LineClient, wait_until
 from recorder import REDIRECT_WAIT, Recorder, Redirected, log_in, try_login
 
 DEBUG = ("--log-level", "debug") if os.environ.get("CHAOS_DEBUG") else ()
+DATA_DIRS = bool(os.environ.get("CHAOS_DATA_DIRS"))
 CI_SEED = 20180501
 CI_SECONDS = 45
 LONG_SECONDS = int(os.environ.get("CHAOS_SECONDS", "300"))
@@ -126,7 +129,7 @@ class Registration:
 class World:
     """Servers, relays, clients and the record of everything that happened."""
 
-    def __init__(self, make_process, tree, seed):
+    def __init__(self, make_process, tree, seed, data_root=None):
         self.seed = seed
         self.rng = random.Random(seed)
         self.nodes = []
@@ -145,15 +148,16 @@ class World:
         self._lock = threading.Lock()  # guards registrations, conflicts, faults
         for index, (parent, stable) in enumerate(tree):
             node = Node(index, parent, stable)
+            extra = DEBUG + (("--data-dir", str(data_root / f"server-{index}")) if data_root else ())
             if parent is None:
-                node.process = make_process(extra=DEBUG)
+                node.process = make_process(extra=extra)
             else:
                 node.relay = Relay(self.nodes[parent].process.port)
                 node.relay.cut()  # no links until every client has logged in: no redirects
                 for direction in (UP, DOWN):
                     node.relay.shape(direction, RandomSegments(f"{seed}/{index}", max_delay=SEGMENT_DELAY,
                                                                window=OPENING))
-                node.process = make_process(remote_port=node.relay.port, extra=DEBUG)
+                node.process = make_process(remote_port=node.relay.port, extra=extra)
             self.port_to_node[node.process.port] = index
             self.nodes.append(node)
 
@@ -512,7 +516,7 @@ def churner(world, rng):
 def run_chaos(make_process, seed, seconds, tree, replay, dump=None):
     began = time.monotonic()
     print(f"\nchaos: seed {seed}, {seconds} s of faults, {len(tree)} servers (replay: {replay})", flush=True)
-    world = World(make_process, tree, seed)
+    world = World(make_process, tree, seed, data_root=dump.parent if DATA_DIRS and dump else None)
     try:
         report = _run(world, seconds)
     finally:
@@ -712,7 +716,8 @@ class Checker:
             if reg.outcome == "REGISTER_FAILED":
                 failures.append(f"unique name {reg.name} was refused on {self.world.nodes[reg.node].name}")
             if reg.outcome != "REGISTER_FAILED":
-                must = reg.outcome == "REGISTER_SUCCESS" and not self.world.nodes[reg.node].killed_after(reg.at)
+                must = reg.outcome == "REGISTER_SUCCESS" and (
+                    DATA_DIRS or not self.world.nodes[reg.node].killed_after(reg.at))
                 checks.append((reg.name, [reg.secret], "LOGIN_SUCCESS" if must else None))
         for name, attempts in self.world.conflicts:
             checks.append((name, [a[1] for a in attempts], "LOGIN_FAILED" if self.must_be_gone(attempts) else None))

@@ -10,7 +10,6 @@ import io
 import json
 import os
 import re
-import shutil
 import signal
 import socket
 import ssl
@@ -214,8 +213,7 @@ def connection_ends(client):
 
 def neighbour_loads(server):
     """{port: load} as ``server`` last heard from each neighbour."""
-    with server.state.lock:
-        return {link.port: link.load for link in server.state.links.values() if link.port}
+    return {int(link["peer"].rsplit(":", 1)[1]): link["load"] for link in server.links() if link["peer"]}
 
 
 def build_two_hop_chain(make_server):
@@ -358,7 +356,7 @@ def test_library_registers_with_a_generated_secret(make_server):
     first = Client(HOST, server.port, "carol")
     first.connect()
     assert first.generated_secret and first.secret
-    assert server.state.users["carol"] == first.secret
+    assert server.users()["carol"] == first.secret
     first.logout()
     assert first.recv(TIMEOUT) is None  # the server closes after LOGOUT
     first.close()
@@ -553,7 +551,7 @@ def test_library_skips_a_server_that_does_not_answer_at_start_up(make_server):
     with Client(HOST, dead, "carol", servers=[(HOST, server.port)]) as client:
         client.connect()
         assert client.logged_in and (client.host, client.port) == (HOST, server.port)
-        assert server.state.users["carol"] == client.secret
+        assert server.users()["carol"] == client.secret
     with pytest.raises(ConnectionRefusedError):  # nobody answers: the last server's error
         Client(HOST, dead, servers=[(HOST, _free_port())]).connect()
 
@@ -634,7 +632,7 @@ def test_cli_registers_with_a_generated_secret_then_logs_in_with_it(make_server,
     match = first.wait_line(r"registered dave with the generated secret (\S+) "
                             r"\(log in again with: -u dave -s (\S+)\)")
     secret = match.group(1)
-    assert match.group(2) == secret and server.state.users["dave"] == secret
+    assert match.group(2) == secret and server.users()["dave"] == secret
     first.wait_line(r"logged in as dave")
     first.close_input()
     finished(first)
@@ -892,41 +890,14 @@ def test_cli_no_reconnect_exits_1(make_process, run_client):
 # The servers' side of TLS is built elsewhere; here a scripted server speaks just enough of the
 # protocol over TLS (LOGIN -> LOGIN_SUCCESS, ACTIVITY_MESSAGE -> ACTIVITY_BROADCAST, LOGOUT) to
 # show that the client verifies the server and talks to it through TLS. Certificates are made at
-# test time with the openssl command.
+# test time with the openssl command (tests/certs.py, as for the servers' TLS tests).
 
-def openssl(*args, cwd):
-    subprocess.run(["openssl", *args], cwd=cwd, check=True, capture_output=True, timeout=60)
-
-
-def make_ca(directory, name):
-    """A self-signed CA: ``name``.pem and ``name``.key in ``directory``."""
-    openssl("req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
-            "-keyout", f"{name}.key", "-out", f"{name}.pem", "-days", "2", "-subj", f"/CN={name}",
-            "-addext", "basicConstraints=critical,CA:TRUE",
-            "-addext", "keyUsage=critical,keyCertSign,cRLSign", cwd=directory)
-    return directory / f"{name}.pem"
-
-
-@pytest.fixture(scope="module")
-def tls_files(tmp_path_factory):
-    """{"ca": trusted CA, "other_ca": a CA that signed nothing here, "cert"/"key": the server's
-    certificate for 127.0.0.1, signed by "ca"}."""
-    if shutil.which("openssl") is None:
-        pytest.skip("the openssl command is needed to make test certificates, and is not installed")
-    directory = tmp_path_factory.mktemp("tls")
-    ca = make_ca(directory, "ca")
-    other = make_ca(directory, "other_ca")
-    (directory / "server.ext").write_text(
-        "basicConstraints=CA:FALSE\nkeyUsage=critical,digitalSignature\n"
-        "extendedKeyUsage=serverAuth\nsubjectAltName=IP:127.0.0.1\n"
-        "subjectKeyIdentifier=hash\nauthorityKeyIdentifier=keyid\n")
-    openssl("req", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
-            "-keyout", "server.key", "-out", "server.csr", "-subj", "/CN=127.0.0.1", cwd=directory)
-    openssl("x509", "-req", "-in", "server.csr", "-CA", "ca.pem", "-CAkey", "ca.key",
-            "-CAcreateserial", "-days", "2", "-extfile", "server.ext", "-out", "server.pem",
-            cwd=directory)
-    return {"ca": str(ca), "other_ca": str(other), "cert": str(directory / "server.pem"),
-            "key": str(directory / "server.key")}
+@pytest.fixture
+def tls_files(certs):
+    """{"ca": trusted CA, "other_ca": a CA that signed nothing the server shows, "cert"/"key":
+    the server's certificate for 127.0.0.1, signed by "ca"} (made once a run by tests/certs.py)."""
+    return {"ca": certs.ca, "other_ca": certs.other_ca, "cert": certs.server.cert,
+            "key": certs.server.key}
 
 
 def over_tls(peer, tls_files):

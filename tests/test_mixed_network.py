@@ -185,17 +185,23 @@ def cut_and_heal(java, ours, ours_server, relay):
     return {sender: list(range(24)) for sender in ("java", "ours")}
 
 
-@ISSUE_13
-def test_our_dialler_and_a_java_acceptor_heal_exactly_once(java, make_server, make_relay, recorders):
-    """We dial the Java server; it never asks for what it missed: we must push it."""
-    relay = make_relay(java.port)
-    ours_server = make_server(remote=relay)
+def assert_heal_exactly_once(java, ours_server, relay, recorders):
+    """With the link between ``java`` and ``ours_server`` through ``relay`` coming up: cut it,
+    heal it, and every activity reaches every client exactly once, in order."""
     ours = join(recorders, ours_server.port, "ours")
     wait_until(lambda: java.live_links() == 1 and ours_server.live_links() == 1, LONG,
                message="the link to come up")
     expected = cut_and_heal(java, ours, ours_server, relay)
     failures = exactly_once_failures(java, ours, expected)
     assert not failures, "; ".join(failures)
+
+
+@ISSUE_13
+def test_our_dialler_and_a_java_acceptor_heal_exactly_once(java, make_server, make_relay, recorders):
+    """We dial the Java server; it never asks for what it missed: we must push it."""
+    relay = make_relay(java.port)
+    ours_server = make_server(remote=relay)
+    assert_heal_exactly_once(java, ours_server, relay, recorders)
 
 
 def test_a_java_dialler_and_our_acceptor_heal_exactly_once(java, make_server, make_relay, recorders):
@@ -203,12 +209,7 @@ def test_a_java_dialler_and_our_acceptor_heal_exactly_once(java, make_server, ma
     ours_server = make_server()
     relay = make_relay(ours_server.port)
     java.dial(relay.port)
-    ours = join(recorders, ours_server.port, "ours")
-    wait_until(lambda: java.live_links() == 1 and ours_server.live_links() == 1, LONG,
-               message="the link to come up")
-    expected = cut_and_heal(java, ours, ours_server, relay)
-    failures = exactly_once_failures(java, ours, expected)
-    assert not failures, "; ".join(failures)
+    assert_heal_exactly_once(java, ours_server, relay, recorders)
 
 
 def test_a_quiet_mixed_link_stays_up_on_heartbeats(java, make_server):

@@ -1,6 +1,7 @@
 """The installed package stands alone: ``pip install .`` (what ``make test`` does) gives a server
 that runs from any directory, with the schemas shipped inside the package."""
 
+import configparser
 import json
 import os
 import re
@@ -79,3 +80,19 @@ def test_the_installed_client_runs_both_ways(tmp_path):
     where = installed_python(tmp_path, "import activitynet.client as c; print(c.Client.__module__, c.__file__)")
     assert where.returncode == 0, where.stderr
     assert where.stdout.startswith("activitynet.client.library ") and "site-packages" in where.stdout
+
+
+def test_make_reinstalls_when_any_shipped_file_changes():
+    """The Makefile's SOURCES (what .venv's installed copy is rebuilt from) names every file of
+    every package setup.cfg ships, so an edit never leaves a stale copy in .venv."""
+    config = configparser.ConfigParser()
+    config.read(ROOT / "setup.cfg")
+    packages = config["options"]["packages"].split()
+    mapped = dict(line.split(" = ") for line in config["options"]["package_dir"].strip().splitlines())
+    database = subprocess.run(["make", "-np"], cwd=ROOT, capture_output=True, text=True, timeout=60).stdout
+    sources = set(re.search(r"^SOURCES := (.*)$", database, re.MULTILINE).group(1).split())
+    shipped = {str(path.relative_to(ROOT))
+               for package in packages
+               for path in (ROOT / mapped.get(package, package.replace(".", "/"))).iterdir()
+               if path.is_file() and path.suffix in (".py", ".json", ".html", ".css", ".js")}
+    assert shipped - sources == set()

@@ -7,6 +7,9 @@ covers ``protocol.encode``/``decode``: one compact JSON object per line, UTF-8.
 """
 
 import json
+import os
+import subprocess
+import sys
 
 import pytest
 from hypothesis import given, settings
@@ -74,6 +77,37 @@ def test_dispatch_tables_and_schema_files_name_the_same_commands():
 def test_loaded_schemas_are_the_files_in_schemas():
     """The validator knows exactly the commands of ``schemas/``."""
     assert schemas.COMMANDS == schema_files()
+
+
+def test_the_validators_are_built_on_first_use_not_at_import():
+    """Importing the module reads no schema file; the first validation builds every validator."""
+    code = ("from activitynet import schemas; assert 'SCHEMAS' not in vars(schemas); "
+            "schemas.validate({'command': 'LOGOUT'}); assert 'SCHEMAS' in vars(schemas); "
+            "print(sorted(schemas.COMMANDS))")
+    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
+                            timeout=60, env=dict(os.environ, PYTHONPATH=str(ROOT)))
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split("\n")[0] == str(sorted(schema_files()))
+
+
+def test_the_validators_can_be_loaded_from_another_directory(tmp_path):
+    """``schemas.load(directory)`` validates against other files (here: one command fewer and
+    a LOGOUT that needs a reason); ``schemas.load()`` goes back to the packaged ones."""
+    for path in (ROOT / "schemas").glob("*.json"):
+        if path.stem != "BUNDLE":
+            schema = json.loads(path.read_text())
+            if path.stem == "LOGOUT":
+                schema["required"].append("reason")
+            (tmp_path / path.name).write_text(json.dumps(schema))
+    try:
+        schemas.load(tmp_path)
+        assert schemas.COMMANDS == schema_files() - {"BUNDLE"}
+        with pytest.raises(InvalidMessage, match="LOGOUT is missing the field 'reason'"):
+            schemas.validate({"command": "LOGOUT"})
+    finally:
+        schemas.load()
+    assert schemas.COMMANDS == schema_files()
+    schemas.validate({"command": "LOGOUT"})
 
 
 def test_examples_cover_every_command():

@@ -14,15 +14,10 @@ import pytest
 
 from activitynet import tls
 from activitynet.tls import TlsConfigError, TlsHandshakeError, TlsTransport
-from certs import OPENSSL, SKIP_REASON, make_certs
+from certs import OPENSSL, SKIP_REASON
 from harness import TIMEOUT, wait_until
 
 pytestmark = pytest.mark.skipif(OPENSSL is None, reason=SKIP_REASON)
-
-
-@pytest.fixture(scope="module")
-def certs(tmp_path_factory):
-    return make_certs(tmp_path_factory.mktemp("certs"))
 
 
 @pytest.fixture(scope="module")

@@ -15,15 +15,10 @@ import time
 import pytest
 
 from activitynet.client import Client
-from certs import OPENSSL, SKIP_REASON, make_certs
+from certs import OPENSSL, SKIP_REASON
 from harness import ROOT, SECRET, LineClient, activity, login, wait_until
 
 pytestmark = pytest.mark.skipif(OPENSSL is None, reason=SKIP_REASON)
-
-
-@pytest.fixture(scope="module")
-def certs(tmp_path_factory):
-    return make_certs(tmp_path_factory.mktemp("certs"))
 
 
 def tls_flags(identity, required=False):

@@ -46,13 +46,14 @@ import threading
 import time
 from collections import deque
 
+from ..protocol import HEARTBEAT_LINE
+
 log = logging.getLogger(__name__)
 
 LOOPBACK = "127.0.0.1"
 CHUNK = 64 * 1024
 OPEN, CUT, BLACKHOLE = "open", "cut", "blackhole"
 UP, DOWN = "up", "down"  # dialler -> target, target -> dialler
-HEARTBEAT = b"h"  # a heartbeat line is not a message: HoldAfterLines does not count it
 
 
 def _reset(sock):
@@ -117,7 +118,7 @@ class HoldAfterLines:
                 if end < 0:
                     partial = text[start:]
                     return [(now, data)]
-                if text[start:end].strip(b"\r") not in (HEARTBEAT, b""):
+                if text[start:end].strip(b"\r") not in (HEARTBEAT_LINE, b""):  # not a message
                     counted += 1
                 start = end + 1
                 if counted == self.lines:
@@ -390,12 +391,7 @@ class Relay:
     def close(self):
         """Stop accepting and reset every connection. Idempotent."""
         self._stopping.set()
-        with self._lock:
-            pairs, self._pairs = list(self._pairs), set()
-        for pair in pairs:
-            pair.reset()
-        with contextlib.suppress(OSError):
-            self._listener.close()
+        self._reset_all()
         if threading.current_thread() is not self._thread:
             self._thread.join(timeout=5)
 
@@ -439,6 +435,10 @@ class Relay:
             except Exception:  # one connection, never the relay
                 log.exception("relay %d could not take a connection", self.port)
                 _reset(client)
+        self._reset_all()
+
+    def _reset_all(self):
+        """Reset every connection and close the listener (both are idempotent)."""
         with self._lock:
             pairs, self._pairs = list(self._pairs), set()
         for pair in pairs:

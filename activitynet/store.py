@@ -1,0 +1,916 @@
+"""The durable store of one server (``--data-dir``): an SQLite database in WAL mode.
+
+It keeps what a server must not forget when it restarts: its origin identity and a reservation
+of its sequence numbers, registered users, blocked names, the activity history (up to
+``disk_history`` entries, far more than the in-memory ``--history``), the highest sequence
+number stored per origin, and per-peer bookkeeping for recovery.
+
+Never on the relay's critical path
+----------------------------------
+The recording verbs (``add_user``, ``block_name``, ``add_activity``, ``set_peer_mark``,
+``next_seq``) are called by the server under its state lock, so they do no I/O: each appends to
+an in-memory queue (or sets a dict item) in O(1). One writer thread drains the queue and commits
+everything it found in one transaction (group commit). It waits ``GATHER_S`` for more work
+before committing, unless a registration is waiting, so an activity is committed within about
+``GATHER_S`` plus two commit times of its arrival (well under 100 ms), and a registration within
+one or two commit times. ``add_user`` returns a ``Ticket``: the server waits on it *outside* the
+lock and sends REGISTER_SUCCESS only once the user is committed.
+
+Activities are stored a commit at a time, as segments (see ``_SCHEMA_1``): the writer costs
+2-4 us of CPU per activity here (pruning included; about 1 us of it holds the GIL), where a row
+per activity cost 5-7 us and a GIL hand-over per row (``python -m benchmarks.store_bench``).
+
+Reads (``load`` at start-up, ``position_of`` and ``missing`` for recovery) open their own
+connection: under WAL they never block the writer, nor it them. ``missing`` reads in chunks, each
+its own short read transaction, so a long refill neither holds memory nor pins the WAL.
+
+How the server uses it (issue 10): ``Store.open(dir, disk_history)`` at start-up (``Server``),
+``load(history)`` to seed the user directory, blocked names, history, de-duplication marks and
+per-peer marks (``State._restore``); ``next_seq()`` for every own id; under the state lock
+``add_user`` (``users.DurableUsers``; the connection's reader thread sends REGISTER_SUCCESS once
+the ticket is settled, ``State.send_held``), ``block_name``, ``add_activity`` with the history
+position, ``set_peer_mark``; outside it ``missing(marks, after, below=first position in memory)``
+to refill a peer from disk before the in-memory part (``State.peer_asked``); ``status()`` for
+health checks (``Server.store_status``); ``close()`` after the last connection.
+
+What a crash can lose (journal_mode=WAL, synchronous=FULL)
+----------------------------------------------------------
+- ``kill -9`` of the server: only what was not yet committed, i.e. activities that arrived in the
+  last ~100 ms (on restart the per-origin marks are exactly what was committed, so the recovery
+  routine asks the peers for the rest), the latest peer marks and pending learned users (SYNC_USER
+  brings them back). Never an acknowledged registration: REGISTER_SUCCESS waits for the commit.
+- A power cut or kernel crash: the same. synchronous=FULL makes every commit fsync the WAL, so a
+  commit that returned survives the power cut too. (synchronous=NORMAL would fsync only at
+  checkpoints: a power cut could then roll back the last commits, acknowledged registrations
+  included. FULL costs one fsync per group commit, which grouping amortises: see
+  ``benchmarks/store_bench.py`` for both figures.)
+- Sequence numbers are never reused: the database holds a reservation ``SEQ_BLOCK`` ahead of the
+  numbers handed out (refreshed by the writer), and a restart starts above it. Ids lost in a crash
+  leave a gap in that origin's sequence, which peers' de-duplication accepts (a peer that holds
+  activities back until a sender's gap fills waits out its hold time once per restart).
+- A failing disk (full, read-only, I/O error) loses durability, not service: the writer logs it
+  loudly (once, then every ``LOG_EVERY_S``), keeps at most ``max_queue`` entries queued (writes
+  beyond are refused and counted) and at most ``max_queue`` in its batch for the retry (the
+  oldest activities dropped first), fails waiting registrations (``Ticket.wait`` raises
+  ``StoreError``), retries every ``retry_s`` and says so in ``status()``. Until it recovers, the
+  sequence reservation is not refreshed either: a server that hands out more than ``SEQ_BLOCK/2``
+  ids on a failing disk and then restarts on a healed one can reuse ids.
+
+A data directory belongs to one server at a time (``flock`` on its lock file). A database file
+that is not ours (not SQLite, or SQLite without our ``application_id``) or from a newer schema
+version is refused with a ``StoreError`` naming it and left untouched; older versions are migrated
+forward in one transaction. A new database is built under a temporary name and renamed into place,
+so the database file is either absent or complete.
+"""
+
+import fcntl
+import itertools
+import json
+import logging
+import os
+import sqlite3
+import threading
+import time
+from array import array
+from collections import deque
+from dataclasses import dataclass
+
+from . import protocol
+
+log = logging.getLogger(__name__)
+
+DB_NAME = "activitynet.sqlite3"
+LOCK_NAME = "activitynet.lock"
+APPLICATION_ID = 0x616E6574  # b"anet": PRAGMA application_id, how we recognise our file
+SQLITE_MAGIC = b"SQLite format 3\x00"
+SYNCHRONOUS = "FULL"  # see the module docstring
+SEQ_BLOCK = 1_000_000  # sequence numbers reserved ahead of those handed out
+GATHER_S = 0.02  # how long the writer lets activities gather before a commit
+MAX_QUEUE = 250_000  # entries waiting for the disk, at most (about 300 bytes each)
+RETRY_S = 1.0  # a failing disk is retried this often
+LOG_EVERY_S = 30.0  # and reported this often while it fails
+SEGMENT_MAX = 2048  # activities per stored segment, at most (and per chunk read for recovery)
+PAGE_SIZE = 4096
+WAL_AUTOCHECKPOINT = 4096  # pages (16 MiB): fewer, larger checkpoints under a stream
+
+FOREIGN = 0  # origin number of activities whose ids are not ours (opaque; their seq is null)
+
+# Activities are stored in segments: one row per commit (split at SEGMENT_MAX), holding the lines
+# concatenated and, column by column, what indexes them. A row per activity cost 5-7 us of CPU
+# each in SQLite here, and the GIL was released and re-taken once per row, which a busy relay
+# turns into a convoy; a segment costs one row, one GIL hand-over, and per activity about what
+# C-coded joins and array packing cost. Recovery reads whole segments: what it sends anyway.
+#   positions, origin_nos, seqs, lengths: native int arrays (array module), one item per
+#       activity; origin number FOREIGN (0) and seq 0 for a foreign id
+#   ids:    JSON list of the ids (ASCII-escaped)
+#   ranges: JSON {"origin number": [lowest seq, highest seq]} of the segment (own ids only)
+_SCHEMA_1 = """
+CREATE TABLE meta (key TEXT PRIMARY KEY, value) WITHOUT ROWID;
+CREATE TABLE users (name BLOB PRIMARY KEY, secret BLOB NOT NULL) WITHOUT ROWID;
+CREATE TABLE blocked (name BLOB PRIMARY KEY) WITHOUT ROWID;
+CREATE TABLE origins (no INTEGER PRIMARY KEY, origin TEXT NOT NULL UNIQUE,
+                      high INTEGER NOT NULL, first_pos INTEGER NOT NULL, last_pos INTEGER NOT NULL);
+CREATE TABLE segments (last_pos INTEGER PRIMARY KEY, first_pos INTEGER NOT NULL,
+                       count INTEGER NOT NULL, foreign_count INTEGER NOT NULL,
+                       ranges TEXT NOT NULL, positions BLOB NOT NULL, origin_nos BLOB NOT NULL,
+                       seqs BLOB NOT NULL, lengths BLOB NOT NULL, ids TEXT NOT NULL,
+                       data BLOB NOT NULL);
+CREATE INDEX segments_with_foreign_ids ON segments (last_pos) WHERE foreign_count > 0;
+CREATE TABLE peer_marks (peer BLOB PRIMARY KEY, value BLOB NOT NULL) WITHOUT ROWID;
+"""
+
+# MIGRATIONS[v] takes a database from schema version v to v + 1, inside one transaction.
+MIGRATIONS = [
+    lambda db: _execute_script(db, _SCHEMA_1),
+]
+SCHEMA_VERSION = len(MIGRATIONS)
+
+
+class StoreError(Exception):
+    """The store cannot be used, or cannot keep a promise; the message is for people."""
+
+
+@dataclass
+class Loaded:
+    """What a restarting server needs, read by ``Store.load``."""
+
+    origin: str  # this server's origin identity, kept across restarts
+    users: dict  # name -> secret
+    blocked: set  # names deleted by a conflict, never accepted again
+    history: list  # the newest (position, id, line bytes), oldest first
+    last_position: int  # positions given to add_activity must be above this
+    marks: dict  # origin -> highest sequence number stored (de-duplication and ACTIVITY_RETRIEVE)
+    peer_marks: dict  # peer key -> value given to set_peer_mark
+
+
+class Ticket:
+    """Tells when the writes queued with it are committed: wait on it outside the state lock,
+    or have the writer call you back (so a connection can go on reading pipelined requests and
+    hold back only the replies that must follow the commit)."""
+
+    __slots__ = ("_store", "_done", "_error", "_callbacks")
+
+    def __init__(self, store):
+        self._store = store
+        self._done = False
+        self._error = None
+        self._callbacks = None
+
+    def add_done_callback(self, callback):
+        """Call ``callback(ticket)`` once the ticket is settled: at once if it is, else from the
+        writer thread right after the commit (keep it short: it delays the next commit)."""
+        with self._store._committed:
+            if not self._done:
+                if self._callbacks is None:
+                    self._callbacks = []
+                self._callbacks.append(callback)
+                return
+        callback(self)
+
+    def error(self):
+        """Why the store could not commit it (None if committed or not settled yet)."""
+        return self._error
+
+    def wait(self, timeout=None):
+        """True once committed, False if ``timeout`` passed first; raises ``StoreError`` if the
+        store could not commit it (a failing disk, a closed store)."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with self._store._committed:
+            while not self._done:
+                remaining = None if deadline is None else deadline - time.monotonic()
+                if remaining is not None and remaining <= 0:
+                    return False
+                self._store._committed.wait(remaining)
+        if self._error is not None:
+            raise StoreError(self._error)
+        return True
+
+    def done(self):
+        return self._done
+
+
+# Queue entries: (kind, ...). The writer applies them in one transaction per batch.
+_USER, _BLOCK, _ACTIVITY, _FLUSH = range(4)
+
+
+class _Batch:
+    """What the writer drained and has not committed yet (owned by the writer thread)."""
+
+    def __init__(self):
+        self.users = {}  # name -> secret
+        self.blocked = {}  # name -> True (ordered set)
+        self.activities = []  # (position, id, origin, seq, line)
+        self.tickets = []
+
+    def __bool__(self):
+        return bool(self.users or self.blocked or self.activities or self.tickets)
+
+    def entries(self):
+        return len(self.users) + len(self.blocked) + len(self.activities)
+
+
+class Store:
+    """The durable store in one data directory; see the module docstring. Open with ``open``."""
+
+    @classmethod
+    def open(cls, data_dir, disk_history=1_000_000, *, synchronous=SYNCHRONOUS,
+             max_queue=MAX_QUEUE, retry_s=RETRY_S, gather_s=GATHER_S):
+        """Lock ``data_dir`` (created if missing), open or create its database, migrate it and
+        start the writer. Raises ``StoreError`` with a message naming the culprit."""
+        data_dir = os.path.abspath(data_dir)
+        lock = _lock_directory(data_dir)
+        path = os.path.join(data_dir, DB_NAME)
+        try:
+            if not os.path.lexists(path):
+                _create(path)
+            _check_ours(path)
+            db = _connect(path, synchronous)
+            try:
+                _migrate(db, path)
+                return cls(data_dir, path, lock, db, disk_history, synchronous, max_queue,
+                           retry_s, gather_s)
+            except BaseException:
+                db.close()
+                raise
+        except BaseException as exc:
+            os.close(lock)
+            if isinstance(exc, (sqlite3.Error, OSError)):  # a damaged file, a full disk...
+                raise StoreError(f"cannot open the data store {path}: {exc}") from exc
+            raise
+
+    def __init__(self, data_dir, path, lock, db, disk_history, synchronous, max_queue, retry_s,
+                 gather_s):
+        self.data_dir = data_dir
+        self.path = path
+        self.disk_history = disk_history
+        self._lock_fd = lock
+        self._db = db  # the writer's connection: used by open() and then only the writer thread
+        self._synchronous = synchronous
+        self._max_queue = max_queue
+        self._retry_s = retry_s
+        self._gather_s = gather_s
+        self._queue = deque()  # users, blocked names, flush tickets
+        self._activities = deque()  # (position, id, origin, seq, line)
+        self._wake = threading.Event()  # something to write (or closing)
+        self._urgent = threading.Event()  # someone waits for a commit: do not gather
+        self._stop = threading.Event()
+        self._committed = threading.Condition()  # notified after each commit attempt
+        self._closed = False
+        self._peer_marks = {}  # peer key -> value, written by callers, copied by the writer
+        self._stored_peer_marks = {}  # what the database holds (writer only)
+        self._last_position = 0
+        # Counters: the writer's, and those of writes refused at the queue (callers' threads).
+        self.counts = {"activities_committed": 0, "users_committed": 0, "commits": 0,
+                       "failed_commits": 0, "dropped_activities": 0, "dropped_users": 0}
+        self._refused_counts = {_USER: 0, _BLOCK: 0, _ACTIVITY: 0}
+        self._failure = None  # why the last commit failed, None when healthy
+        self._failing_since = None
+        self._last_commit = None  # time.time() of the last successful commit
+        self._waiting = 0  # entries drained by the writer and not yet committed
+        self._writer_cpu = 0.0  # CPU seconds the writer thread has used
+        self._origin_nos = dict(db.execute("SELECT origin, no FROM origins"))
+        self._last_position = db.execute("SELECT coalesce(max(last_pos), 0) FROM segments").fetchone()[0]
+        self.origin, first_seq = self._claim_sequence()
+        self._seqs = itertools.count(first_seq)
+        self._last_seq = first_seq - 1
+        self._extend_at = self._reserved - SEQ_BLOCK // 2
+        self._writer = threading.Thread(target=self._run, name="store-writer", daemon=True)
+        self._writer.start()
+
+    def _claim_sequence(self):
+        """Our origin (chosen on first use) and the first sequence number of this run: above
+        every number any earlier run handed out. Reserves the next block before returning."""
+        db = self._db
+        meta = dict(db.execute("SELECT key, value FROM meta"))
+        origin = meta.get("origin") or protocol.new_origin()
+        row = db.execute("SELECT high FROM origins WHERE origin = ?", (origin,)).fetchone()
+        first = max(int(meta.get("seq_reserved", 0)), row[0] if row else 0) + 1
+        self._reserved = first - 1 + SEQ_BLOCK
+        with _transaction(db):
+            db.executemany("INSERT OR REPLACE INTO meta VALUES (?, ?)",
+                           [("origin", origin), ("seq_reserved", self._reserved)])
+        return origin, first
+
+    # --- recording verbs: no I/O, O(1); called under the server's state lock ----------------
+
+    def next_seq(self):
+        """The sequence number for our next activity id (never one an earlier run handed out)."""
+        seq = self._last_seq = next(self._seqs)
+        if seq > self._extend_at:
+            self._wake.set()
+        return seq
+
+    def add_user(self, name, secret):
+        """Record a user; returns a Ticket for REGISTER_SUCCESS to wait on (outside the lock)."""
+        ticket = Ticket(self)
+        if self._refused(_USER):
+            ticket._error = self._refusal()
+            ticket._done = True
+            return ticket
+        self._queue.append((_USER, name, secret, ticket))
+        if not self._urgent.is_set():  # (an Event's set takes its lock: not once per user)
+            self._urgent.set()
+            self._wake.set()
+        return ticket
+
+    def block_name(self, name):
+        """Record a name deleted by a conflict (its user row goes too)."""
+        if not self._refused(_BLOCK):
+            self._queue.append((_BLOCK, name))
+            self._poke()
+
+    def add_activity(self, position, activity_id, line, origin, seq):
+        """Record an ACTIVITY_BROADCAST ``line`` (bytes) at history ``position``. Positions must
+        increase (the in-memory history's numbers, continued from ``load().last_position``);
+        ``origin`` and ``seq`` are those of one of our ids (``protocol.parse_id``), both None
+        for a foreign id: the caller has parsed the id already."""
+        if position <= self._last_position:
+            raise ValueError(f"activity position {position} is not above {self._last_position}")
+        self._last_position = position
+        if len(self._activities) < self._max_queue and not self._closed:
+            self._activities.append((position, activity_id, origin, seq, line))
+            if not self._wake.is_set():
+                self._wake.set()
+        else:
+            self._refused_counts[_ACTIVITY] += 1
+
+    def set_peer_mark(self, peer_key, value):
+        """Remember per-peer bookkeeping (say the last id received from ``peer_key``); only the
+        latest value per key is written."""
+        self._peer_marks[peer_key] = value
+        self._poke()
+
+    @property
+    def failing(self):
+        """Whether the last commit failed (the disk is full, read-only or broken)."""
+        return self._failure is not None
+
+    def flush(self, timeout=None):
+        """Wait (outside the state lock) until everything recorded before is committed; returns
+        False on timeout, raises StoreError if the disk is failing."""
+        ticket = Ticket(self)
+        self._queue.append((_FLUSH, ticket))
+        self._urgent.set()
+        self._wake.set()
+        return ticket.wait(timeout)
+
+    def _poke(self):
+        if not self._wake.is_set():
+            self._wake.set()
+
+    def _refused(self, kind):
+        """Whether to drop a write: the store is closed, or the queue is full (a failing or
+        far too slow disk). Durability goes; memory and the relay are unaffected."""
+        if not self._closed and len(self._queue) < self._max_queue:
+            return False
+        self._refused_counts[kind] += 1
+        return True
+
+    def _refusal(self):
+        if self._closed:
+            return "the data store is closed"
+        return f"the data store cannot keep up ({self._failure or 'the disk is too slow'})"
+
+    # --- the writer thread -------------------------------------------------------------------
+
+    def _run(self):
+        batch = _Batch()
+        while True:
+            if self._failure is None:
+                self._wake.wait()
+                if not self._stop.is_set():
+                    self._urgent.wait(self._gather_s)  # a registration cuts the gathering short
+            else:
+                self._stop.wait(self._retry_s)
+            self._wake.clear()
+            self._urgent.clear()
+            stopping = self._stop.is_set()
+            self._drain(batch)
+            self._write(batch)
+            self._waiting = batch.entries()
+            self._writer_cpu = time.thread_time()
+            if stopping:
+                break
+        if batch:
+            log.error("data store %s closed with %d writes not stored (%s)", self.path,
+                      batch.entries(), self._failure)
+            self._fail_tickets(batch, self._failure or "the data store is closed")
+        self._checkpoint()
+        self._db.close()
+
+    def _drain(self, batch):
+        """Move what is queued into ``batch``. The other queue first: a flush ticket (or a user's)
+        then covers every activity recorded before it."""
+        queue = self._queue
+        for _ in range(len(queue)):
+            entry = queue.popleft()
+            kind = entry[0]
+            if kind == _USER:
+                batch.users[entry[1]] = entry[2]
+                batch.tickets.append(entry[3])
+            elif kind == _BLOCK:
+                batch.users.pop(entry[1], None)
+                batch.blocked[entry[1]] = True
+            else:
+                batch.tickets.append(entry[1])
+        activities = self._activities
+        batch.activities.extend(activities.popleft() for _ in range(len(activities)))
+
+    def _write(self, batch):
+        peer_marks = self._peer_marks.copy()  # one C call: atomic against writers
+        changed = [(k, v) for k, v in peer_marks.items() if self._stored_peer_marks.get(k) != v]
+        reserve = self._last_seq + SEQ_BLOCK if self._last_seq > self._extend_at else None
+        if not (batch or changed or reserve):
+            return
+        try:
+            if self._failure is not None:  # a fresh connection after a failure
+                self._db.close()
+                self._db = _connect(self.path, self._synchronous)
+            origin_nos = self._commit(batch, changed, reserve)
+        except sqlite3.Error as exc:
+            self._failed(batch, exc)
+            return
+        except Exception as exc:  # a bug: say so loudly (once), and keep the server relaying
+            if self._failure is None:
+                log.exception("data store %s: unexpected error while writing", self.path)
+            self._failed(batch, exc)
+            return
+        self._origin_nos = origin_nos
+        self._stored_peer_marks.update(changed)
+        if reserve is not None:
+            self._reserved, self._extend_at = reserve, reserve - SEQ_BLOCK // 2
+        self.counts["commits"] += 1
+        self.counts["activities_committed"] += len(batch.activities)
+        self.counts["users_committed"] += len(batch.users)
+        self._last_commit = time.time()
+        if self._failure is not None:
+            log.warning("data store %s writes again after %.1f s of failure", self.path,
+                        time.monotonic() - self._failing_since)
+            self._failure = self._failing_since = None
+        tickets = batch.tickets
+        batch.__init__()
+        self._settle(tickets, None)
+
+    def _commit(self, batch, peer_marks, reserve):
+        """One transaction with everything in ``batch``; returns the origin numbers to use next."""
+        db = self._db
+        origin_nos = dict(self._origin_nos)  # kept only if the transaction commits
+        with _transaction(db):
+            if batch.users:
+                db.executemany("INSERT OR REPLACE INTO users VALUES (?, ?)",
+                               [(_blob(name), _blob(secret)) for name, secret in batch.users.items()])
+            if batch.blocked:
+                names = [(_blob(name),) for name in batch.blocked]
+                db.executemany("DELETE FROM users WHERE name = ?", names)
+                db.executemany("INSERT OR IGNORE INTO blocked VALUES (?)", names)
+            if batch.activities:
+                self._insert_activities(db, batch.activities, origin_nos)
+            if peer_marks:
+                db.executemany("INSERT OR REPLACE INTO peer_marks VALUES (?, ?)",
+                               [(_blob(key), _blob(value)) for key, value in peer_marks])
+            if reserve is not None:
+                db.execute("UPDATE meta SET value = ? WHERE key = 'seq_reserved'", (reserve,))
+        return origin_nos
+
+    def _insert_activities(self, db, activities, origin_nos):
+        for origin in {entry[2] for entry in activities} - origin_nos.keys() - {None}:
+            origin_nos[origin] = db.execute(
+                "INSERT INTO origins (origin, high, first_pos, last_pos) VALUES (?, 0, ?, 0)",
+                (origin, next(entry[0] for entry in activities if entry[2] == origin))).lastrowid
+        number_of = {**origin_nos, None: FOREIGN}.__getitem__
+        highs = {}  # origin number -> highest seq in this batch
+        for start in range(0, len(activities), SEGMENT_MAX):
+            part = activities[start:start + SEGMENT_MAX]
+            positions, ids, origins, seqs, lines = zip(*part)
+            numbers = array(_INT32, map(number_of, origins))
+            foreign = numbers.count(FOREIGN)
+            if foreign:
+                seqs = [0 if seq is None else seq for seq in seqs]
+            ranges = _ranges(numbers, seqs)
+            db.execute("INSERT INTO segments VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                       (positions[-1], positions[0], len(part), foreign, _json(ranges),
+                        array(_INT64, positions), numbers, array(_INT64, seqs),
+                        array(_INT32, map(len, lines)), _json(ids), b"".join(lines)))
+            for number, (_low, high) in ranges.items():
+                highs[number] = max(high, highs.get(number, 0))
+        last_pos = activities[-1][0]  # for origins.last_pos an upper bound is enough
+        db.executemany("UPDATE origins SET high = max(high, ?), last_pos = ? WHERE no = ?",
+                       [(high, last_pos, number) for number, high in highs.items()])
+        cutoff = activities[-1][0] - self.disk_history
+        if cutoff > 0:  # whole segments: at most disk_history plus the rest of the oldest one
+            db.execute("DELETE FROM segments WHERE last_pos <= ?", (cutoff,))
+
+    def _failed(self, batch, exc):
+        now = time.monotonic()
+        reason = f"{type(exc).__name__}: {exc}"
+        if self._failure is None:
+            self._failing_since = self._last_failure_log = now
+            log.error("data store %s cannot write (%s): users and activities are no longer "
+                      "stored; the server keeps relaying; retrying every %s s",
+                      self.path, reason, self._retry_s)
+        elif now - self._last_failure_log >= LOG_EVERY_S:
+            self._last_failure_log = now
+            log.error("data store %s still cannot write after %.0f s (%s); %d writes waiting, "
+                      "%d activities dropped", self.path, now - self._failing_since, reason,
+                      batch.entries(), self.counts["dropped_activities"])
+        self._failure = reason
+        self.counts["failed_commits"] += 1
+        self._fail_tickets(batch, f"the data store cannot write: {reason}")
+        excess = batch.entries() - self._max_queue
+        if excess > 0:  # keep the newest activities; users and blocked names go last
+            dropped = min(excess, len(batch.activities))
+            del batch.activities[:dropped]
+            self.counts["dropped_activities"] += dropped
+            for name in list(itertools.islice(batch.users, max(0, excess - dropped))):
+                del batch.users[name]
+                self.counts["dropped_users"] += 1
+
+    def _fail_tickets(self, batch, reason):
+        tickets, batch.tickets = batch.tickets, []
+        self._settle(tickets, reason)
+
+    def _settle(self, tickets, error):
+        """Mark ``tickets`` committed (or failed with ``error``), wake waiters, run callbacks."""
+        callbacks = []
+        with self._committed:
+            for ticket in tickets:
+                ticket._error = error
+                ticket._done = True
+                if ticket._callbacks:
+                    callbacks += [(callback, ticket) for callback in ticket._callbacks]
+                    ticket._callbacks = None
+            self._committed.notify_all()
+        for callback, ticket in callbacks:
+            try:
+                callback(ticket)
+            except Exception:  # the caller's bug must not stop durability for everyone
+                log.exception("data store %s: a commit callback failed", self.path)
+
+    def _checkpoint(self):
+        try:
+            self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        except sqlite3.Error as exc:
+            log.warning("data store %s: final checkpoint failed (%s)", self.path, exc)
+
+    # --- reads: outside the state lock -------------------------------------------------------
+
+    def load(self, history):
+        """The committed state a restarting server starts from; ``history`` is how many of the
+        newest activities to read (the in-memory ``--history``), never the whole disk. Raises
+        StoreError if the database cannot be read (a damaged file)."""
+        try:
+            return self._load(history)
+        except (sqlite3.Error, ValueError, UnicodeDecodeError) as exc:
+            raise StoreError(f"cannot read the data store {self.path}: {exc}; move it away "
+                             "or choose another --data-dir") from exc
+
+    def _load(self, history):
+        with _reader(self.path) as db:
+            users = {_text(name): _text(secret)
+                     for name, secret in db.execute("SELECT name, secret FROM users")}
+            blocked = {_text(name) for (name,) in db.execute("SELECT name FROM blocked")}
+            newest = []
+            wanted = history
+            for segment in db.execute(f"SELECT {_SEGMENT_COLUMNS} FROM segments ORDER BY last_pos DESC"):
+                if wanted <= 0:
+                    break
+                rows = _unpack(*segment)[-wanted:]
+                wanted -= len(rows)
+                newest.append([(position, activity_id, line)
+                               for position, activity_id, _no, _seq, line in rows])
+            marks = dict(db.execute("SELECT origin, high FROM origins"))
+            peer_marks = {_text(key): _text(value)
+                          for key, value in db.execute("SELECT peer, value FROM peer_marks")}
+        history_entries = [entry for rows in reversed(newest) for entry in rows]
+        return Loaded(origin=self.origin, users=users, blocked=blocked, history=history_entries,
+                      last_position=self._last_position, marks=marks, peer_marks=peer_marks)
+
+    def position_of(self, activity_id):
+        """The stored position of ``activity_id``, or None if it is not on disk. (A scan of the
+        segments' indexes in SQLite: for the rare ``after`` that memory no longer holds.)"""
+        parsed = protocol.parse_id(activity_id)
+        with _reader(self.path) as db:
+            if parsed is None:
+                rows = db.execute("SELECT positions, ids FROM segments WHERE foreign_count > 0 "
+                                  "AND instr(ids, ?) ORDER BY last_pos DESC",
+                                  (_json(activity_id),))
+            else:
+                origin, seq, _sent = parsed
+                number = db.execute("SELECT no FROM origins WHERE origin = ?", (origin,)).fetchone()
+                if number is None:
+                    return None
+                key = f'$."{number[0]}"'
+                rows = db.execute("SELECT positions, ids FROM segments WHERE json_extract(ranges, ?) <= ? "
+                                  "AND json_extract(ranges, ?) >= ? ORDER BY last_pos DESC",
+                                  (key + "[0]", seq, key + "[1]", seq))
+            for positions, ids in rows:
+                for position, stored_id in zip(_ints(_INT64, positions), json.loads(ids)):
+                    if stored_id == activity_id:
+                        return position
+        return None
+
+    def missing(self, marks=None, after=0, below=None, start=0):
+        """Stored activities a peer lacks, in position order, as lists (at most SEGMENT_MAX
+        long) of (position, id, line); only positions from ``start`` and below ``below`` (what
+        memory lacks).
+
+        The rule is ``recovery.missing_entries``'s: without ``marks``, everything after
+        position ``after``; with marks (origin -> highest seq the peer holds), our ids above the
+        peer's mark for their origin (all of an origin it has no mark for) and foreign ids after
+        position ``after``. Reading starts at the first segment that can hold such an activity,
+        found from the segments' seq ranges newest first, so a peer that lacks little costs
+        little. Each read is its own short transaction: a long refill does not pin the WAL."""
+        end = below if below is not None else self._last_position + 1
+        with _reader(self.path) as db:
+            if marks:
+                nos = dict(db.execute("SELECT no, origin FROM origins"))
+                need_above = {no: marks.get(origin, 0) for no, origin in nos.items()}
+                first = _first_needed(db, need_above, after)
+            else:
+                need_above = None
+                first = after + 1
+            start = None if first is None else max(first, start)
+            while start is not None and start < end:
+                segments = db.execute(f"SELECT last_pos, {_SEGMENT_COLUMNS} FROM segments "
+                                      "WHERE last_pos >= ? ORDER BY last_pos LIMIT 8",
+                                      (start,)).fetchall()
+                if not segments:
+                    return
+                for last_pos, *columns in segments:
+                    picked = [(position, activity_id, line)
+                              for position, activity_id, no, seq, line in _unpack(*columns)
+                              if start <= position < end
+                              and (need_above is None or no == FOREIGN and position > after
+                                   or no != FOREIGN and seq > need_above.get(no, 0))]
+                    if picked:
+                        yield picked
+                    start = last_pos + 1
+
+    def status(self):
+        """Plain data for the server's status: healthy or failing, and why."""
+        refused = self._refused_counts
+        return {
+            "path": self.path,
+            "failing": self._failure is not None,
+            "error": self._failure,
+            "failing_for_s": (None if self._failing_since is None
+                              else round(time.monotonic() - self._failing_since, 1)),
+            "queued": len(self._queue) + len(self._activities) + self._waiting,
+            "writer_cpu_s": round(self._writer_cpu, 3),
+            "last_commit": self._last_commit,
+            "commits": self.counts["commits"],
+            "failed_commits": self.counts["failed_commits"],
+            "activities_committed": self.counts["activities_committed"],
+            "users_committed": self.counts["users_committed"],
+            "dropped_activities": self.counts["dropped_activities"] + refused[_ACTIVITY],
+            "dropped_users": self.counts["dropped_users"] + refused[_USER],
+            "dropped_blocked": refused[_BLOCK],
+        }
+
+    # --- lifecycle ---------------------------------------------------------------------------
+
+    def close(self):
+        """Commit everything queued, stop the writer and release the directory."""
+        if self._closed:
+            return
+        self._closed = True
+        self._stop.set()
+        self._urgent.set()
+        self._wake.set()
+        self._writer.join()
+        os.close(self._lock_fd)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc_info):
+        self.close()
+
+
+def _first_needed(db, need_above, after):
+    """The first position of the oldest segment holding an activity a peer with these marks
+    lacks, or None. Foreign ids: the first segment with one after ``after`` (an index). Our ids:
+    a walk over the segments' seq ranges, newest first, until every origin is settled: by a
+    segment holding one of its seqs at or below the peer's mark (per origin, seqs grow with
+    position), or by being older than the origin's first stored activity."""
+    row = db.execute("SELECT first_pos FROM segments WHERE foreign_count > 0 AND last_pos > ? "
+                     "ORDER BY last_pos LIMIT 1", (after,)).fetchone()
+    start = row[0] if row else None
+    oldest = db.execute("SELECT first_pos FROM segments ORDER BY last_pos LIMIT 1").fetchone()
+    if oldest is None:
+        return None
+    origins = {no: (first, last, high) for no, first, last, high in
+               db.execute("SELECT no, first_pos, last_pos, high FROM origins")}
+    # Settled from the start: an origin the peer holds all of, or with nothing left on disk.
+    unsettled = {no for no, mark in need_above.items()
+                 if no in origins and origins[no][2] > mark and origins[no][1] >= oldest[0]}
+    if not unsettled:
+        return start
+    for first_pos, last_pos, ranges in db.execute(
+            "SELECT first_pos, last_pos, ranges FROM segments ORDER BY last_pos DESC"):
+        unsettled = {no for no in unsettled if origins[no][0] <= last_pos}
+        if not unsettled:
+            break
+        for key, (low, high) in json.loads(ranges).items():
+            no = int(key)
+            if no in unsettled:
+                if high > need_above[no]:
+                    start = first_pos if start is None else min(start, first_pos)
+                if low <= need_above[no]:
+                    unsettled.discard(no)
+    return start
+
+
+def _json(value):
+    """Compact JSON, ASCII: a lone surrogate in a foreign id (valid JSON) survives it."""
+    return json.dumps(value, separators=(",", ":"))
+
+
+def _blob(text):
+    """A name, secret or peer value as stored: UTF-8 bytes, lone surrogates (which JSON lets a
+    peer send) included, which SQLite's TEXT would refuse and so fail every later commit."""
+    return text.encode("utf-8", "surrogatepass")
+
+
+def _text(blob):
+    return blob.decode("utf-8", "surrogatepass")
+
+
+_INT32, _INT64 = "i", "q"
+assert array(_INT32).itemsize == 4 and array(_INT64).itemsize == 8
+
+
+def _ranges(numbers, seqs):
+    """{origin number: [lowest seq, highest seq]} of a segment's own ids."""
+    if len(set(numbers)) == 1:  # the common case, in C
+        return {} if numbers[0] == FOREIGN else {numbers[0]: [min(seqs), max(seqs)]}
+    ranges = {}
+    for number, seq in zip(numbers, seqs):
+        if number != FOREIGN:
+            span = ranges.get(number)
+            if span is None:
+                ranges[number] = [seq, seq]
+            elif seq > span[1]:
+                span[1] = seq
+            elif seq < span[0]:
+                span[0] = seq
+    return ranges
+
+
+def _ints(kind, blob):
+    values = array(kind)
+    values.frombytes(blob)
+    return values
+
+
+_SEGMENT_COLUMNS = "positions, ids, origin_nos, seqs, lengths, data"
+
+
+def _unpack(positions, ids, numbers, seqs, lengths, data):
+    """A segment's activities (its _SEGMENT_COLUMNS): [(position, id, origin number, seq, line)]."""
+    ends = list(itertools.accumulate(_ints(_INT32, lengths)))
+    starts = [0] + ends[:-1]
+    lines = [data[start:end] for start, end in zip(starts, ends)]
+    return list(zip(_ints(_INT64, positions), json.loads(ids), _ints(_INT32, numbers),
+                    _ints(_INT64, seqs), lines))
+
+
+# --- opening a data directory -------------------------------------------------------------------
+
+def _lock_directory(data_dir):
+    """Create ``data_dir`` if needed and lock it for this process; returns the lock's fd."""
+    try:
+        os.makedirs(data_dir, exist_ok=True)
+    except FileExistsError:
+        raise StoreError(f"data directory {data_dir} is not a directory") from None
+    except OSError as exc:
+        raise StoreError(f"cannot create data directory {data_dir}: {exc.strerror}") from None
+    path = os.path.join(data_dir, LOCK_NAME)
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as exc:
+        raise StoreError(f"cannot use data directory {data_dir}: {path}: {exc.strerror}") from None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.pread(fd, 32, 0).decode("ascii", "replace").strip() or "unknown"
+        os.close(fd)
+        raise StoreError(f"data directory {data_dir} is in use by another activitynet server "
+                         f"(pid {holder}); give each server its own --data-dir") from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    return fd
+
+
+def _create(path):
+    """A new database at schema version 0 (``_migrate`` builds it), under a temporary name and
+    renamed into place, so ``path`` never holds a half-made file."""
+    temporary = path + ".new"
+    if os.path.lexists(temporary):
+        os.unlink(temporary)  # left by a crash during an earlier creation, in our locked directory
+    db = sqlite3.connect(temporary, isolation_level=None)
+    try:
+        db.execute(f"PRAGMA application_id = {APPLICATION_ID}")
+        db.execute(f"PRAGMA page_size = {PAGE_SIZE}")
+        db.execute("PRAGMA journal_mode = WAL")
+    finally:
+        db.close()  # the last connection checkpoints: everything is in the main file
+    fd = os.open(temporary, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.rename(temporary, path)
+    _fsync_directory(os.path.dirname(path))
+
+
+def _fsync_directory(directory):
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _check_ours(path):
+    """Refuse, without writing a byte, a file that is not an activitynet database."""
+    advice = "it was left untouched: move it away or choose another --data-dir"
+    try:
+        with open(path, "rb") as file:
+            header = file.read(100)
+    except OSError as exc:
+        raise StoreError(f"cannot read {path}: {exc.strerror}") from None
+    if len(header) < 100 or not header.startswith(SQLITE_MAGIC):
+        raise StoreError(f"{path} is not an activitynet database (not an SQLite file); {advice}")
+    if int.from_bytes(header[68:72], "big") != APPLICATION_ID:
+        raise StoreError(f"{path} is an SQLite database of another program, not an activitynet "
+                         f"database; {advice}")
+
+
+def _execute_script(db, script):
+    """Each statement of ``script`` (``executescript`` would commit the open transaction)."""
+    for statement in script.split(";"):
+        if statement.strip():
+            db.execute(statement)
+
+
+def _connect(path, synchronous):
+    db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+    db.execute("PRAGMA busy_timeout = 5000")
+    db.execute("PRAGMA journal_mode = WAL")
+    db.execute(f"PRAGMA synchronous = {synchronous}")
+    db.execute(f"PRAGMA wal_autocheckpoint = {WAL_AUTOCHECKPOINT}")
+    return db
+
+
+def _migrate(db, path):
+    """Bring the database to SCHEMA_VERSION, refusing one from a newer version untouched."""
+    version = db.execute("PRAGMA user_version").fetchone()[0]
+    if version > SCHEMA_VERSION:
+        raise StoreError(f"{path} was written by a newer activitynet (schema version {version}; "
+                         f"this one reads up to {SCHEMA_VERSION}); it was left untouched: upgrade "
+                         "activitynet or choose another --data-dir")
+    if version == SCHEMA_VERSION:
+        return
+    with _transaction(db):
+        for step in range(version, SCHEMA_VERSION):
+            MIGRATIONS[step](db)
+        db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+    if version:
+        log.warning("data store %s migrated from schema version %d to %d", path, version,
+                    SCHEMA_VERSION)
+
+
+class _transaction:
+    """BEGIN IMMEDIATE ... COMMIT, or ROLLBACK on any error (a connection in autocommit mode)."""
+
+    def __init__(self, db):
+        self.db = db
+
+    def __enter__(self):
+        self.db.execute("BEGIN IMMEDIATE")
+
+    def __exit__(self, exc_type, exc, tb):
+        if exc_type is None:
+            self.db.execute("COMMIT")
+        elif self.db.in_transaction:
+            try:
+                self.db.execute("ROLLBACK")
+            except sqlite3.Error:
+                pass  # the original error says more; SQLite may have rolled back already
+
+
+class _reader:
+    """A short-lived read-only connection for one caller's thread."""
+
+    def __init__(self, path):
+        self.path = path
+
+    def __enter__(self):
+        self.db = sqlite3.connect(self.path, isolation_level=None)
+        self.db.execute("PRAGMA busy_timeout = 5000")
+        self.db.execute("PRAGMA query_only = ON")
+        return self.db
+
+    def __exit__(self, *exc_info):
+        self.db.close()
