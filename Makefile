@@ -28,7 +28,7 @@ run: $(STAMP)
 
 ## make chaos SEED=n CHAOS_SECONDS=s: the long fault-injection run, replayable by its seed
 chaos: $(STAMP)
-	CHAOS_SEED=$(SEED) CHAOS_SECONDS=$(CHAOS_SECONDS) $(PY) -m pytest -m chaos -s tests/test_chaos.py
+	CHAOS_SEED=$(SEED) CHAOS_SECONDS=$(CHAOS_SECONDS) $(PY) -m pytest -m chaos -s tests/test_chaos.py tests/test_chaos_heal.py
 
 ## make bench: the benchmark suite (make bench-short: the under-2-minute version)
 BENCH_STAMP := $(VENV)/.installed-bench

@@ -27,6 +27,7 @@ from typing import Callable
 from . import protocol, schemas
 from .credentials import same_secret
 from .limits import LoginThrottle
+from .netmap import Lineage
 from .protocol import AuthenticationFail, InvalidMessage, LoginFailed
 from .session import CLIENT, NEW, SERVER
 from .state import State
@@ -106,7 +107,9 @@ def handle_authenticate(ctx, session, message, line=None):
 
 def handle_server_announce(ctx, session, message, line=None):
     hostname, port = message["hostname"], int(message["port"])
-    if ctx.state.peer_announced(session, int(message["load"]), hostname, port):
+    lineage = message.get("lineage")
+    lineage = Lineage.from_wire(lineage) if lineage is not None else None
+    if ctx.state.peer_announced(session, int(message["load"]), hostname, port, lineage, message.get("map")):
         log.info("server link %s is %s:%s", session.address, hostname, port,
                  extra={"conn": session.address, "peer": f"{hostname}:{port}"})
 
@@ -129,7 +132,10 @@ def handle_user_conflict(ctx, session, message, line=None):
 
 
 def handle_activity_retrieve(ctx, session, message, line=None):
-    ctx.state.peer_asked(session, message["after"], message.get("marks"))
+    lineage = message.get("lineage")
+    lineage = Lineage.from_wire(lineage) if lineage is not None else None
+    ctx.state.peer_asked(session, message["after"], message.get("marks"), message.get("held"),
+                         lineage, message.get("alone") is True)
 
 
 def handle_bundle(ctx, session, message, line=None):
@@ -146,7 +152,10 @@ def handle_bundle(ctx, session, message, line=None):
 # --- failure replies received -------------------------------------------------------------------
 
 def handle_invalid_message(ctx, session, message, line=None):
-    if session.role == SERVER:
+    if session.role == SERVER and message.get("refused"):  # the re-attachment rule: try the next
+        log.info("server %s refused the link (%s): %s", session.address, message["refused"], message["info"],
+                 extra={"conn": session.address})
+    elif session.role == SERVER:
         log.error("server %s rejected our message: %s", session.address, message["info"],
                   extra={"conn": session.address})
     raise Goodbye(f"peer sent INVALID_MESSAGE: {message['info']}")

@@ -1,17 +1,13 @@
-"""The activity history and de-duplication by id.
+"""The activity history.
 
 ``History`` is the bounded cache of ACTIVITY_BROADCAST lines a server answers ACTIVITY_RETRIEVE
-from; ``Seen`` decides whether an id arrives for the first time. Both are in memory and replaceable
-by durable ones with the same verbs; neither locks: ``State`` guards them with the state lock.
-
-De-duplication: our own ids carry (origin, sequence number), and every origin numbers its
-activities from 1 in the order it sent them, which is the order every server receives them in
-(recovery keeps it so). One high-water mark per origin therefore says exactly what was seen, in
-constant memory. Foreign ids are opaque: they are remembered one by one, in a bounded set.
+from. It is in memory and replaceable by a durable one with the same verbs; it does not lock:
+``State`` guards it with the state lock. Whether an id is new, and when it is published, is
+``dedup.Intake``'s (any path, any order; issue 9).
 """
 
 import itertools
-from collections import OrderedDict, deque
+from collections import deque
 
 
 class History:
@@ -70,31 +66,3 @@ class History:
 
     def last_id(self):
         return self._entries[-1][1] if self._entries else None
-
-
-class Seen:
-    """Which activity ids this server has accepted (see the module docstring)."""
-
-    def __init__(self, foreign_bound, marks=None):
-        self._high = dict(marks or {})  # origin -> highest sequence number accepted
-        self._foreign = OrderedDict()  # foreign ids, oldest first, at most foreign_bound
-        self._foreign_bound = foreign_bound
-
-    def first_sighting(self, activity_id, parsed):
-        """Record ``activity_id`` (``parsed`` is ``protocol.parse_id`` of it); False if seen."""
-        if parsed is not None:
-            origin, seq, _sent = parsed
-            if seq <= self._high.get(origin, 0):
-                return False
-            self._high[origin] = seq
-            return True
-        if activity_id in self._foreign:
-            return False
-        self._foreign[activity_id] = True
-        if len(self._foreign) > self._foreign_bound:
-            self._foreign.popitem(last=False)
-        return True
-
-    def marks(self):
-        """{origin: highest sequence number held}, a copy (sent as ACTIVITY_RETRIEVE's marks)."""
-        return dict(self._high)

@@ -1,9 +1,9 @@
 """Server links over time: dialling and redialling a remote server, and the heartbeat.
 
-A link we dialled (``-rh/-rp``) is redialled forever after it breaks, waiting 0.1 s, then twice as
-long each failed try, up to ``MAX_RETRY_WAIT`` (or the activity interval ``-a``, if shorter), so
-a repaired network is in use again within about a second. A link the peer dialled is the peer's
-to repair; a peer that refused our secret is not redialled. Every authenticated link carries a
+Whom a server dials, and when, is the re-attachment rule's (``netmap.Seeker``, asked through the
+state): the ``-rh/-rp`` and ``--join`` servers in order at first; a lost parent is redialled for
+``netmap.GRACE`` seconds (waits of 0.1 s doubling to 1 s), then the server attaches elsewhere. A
+link the peer dialled is the peer's to repair; a peer that refused our secret is not redialled. Every authenticated link carries a
 heartbeat line ``h`` about every second; a link silent for ``SILENCE`` seconds is dead (a frozen
 peer, a cut cable) and is closed.
 
@@ -22,9 +22,6 @@ log = logging.getLogger(__name__)
 
 HEARTBEAT_EVERY = 1.0
 SILENCE = 3.0
-FIRST_RETRY = 0.1
-MAX_RETRY_WAIT = 1.0  # a healed partition must be noticed within ~2 s; a try a second is cheap
-STABLE = 5.0  # a link that lived this long resets the backoff
 
 
 class _Worker:
@@ -43,51 +40,50 @@ class _Worker:
 
 
 class Dialer(_Worker):
-    """Keeps one outgoing link to ``host:port`` up until ``stopping`` is set."""
+    """The one thread that dials other servers, whom and when the state's ``netmap.Seeker``
+    says (``state.next_dial``): the configured servers at first, a lost parent for ``GRACE``,
+    then candidates round after round with bounded backoff, while this server is a root that
+    seeks; it serves each dialled socket as a link until it ends. A server attached by any path
+    does not dial; a peer that refused our secret is never dialled again."""
 
-    def __init__(self, host, port, max_wait, stopping, serve_link):
-        self.host = host
-        self.port = port
-        self.peer_key = f"{host}:{port}"
-        self.max_wait = max_wait
+    def __init__(self, state, stopping, serve_link):
+        self.state = state
         self.serve_link = serve_link
-        super().__init__(f"dial-{self.peer_key}", stopping)
+        self._failures = {}  # address -> failed tries in a row (to keep the log short)
+        super().__init__("dialler", stopping)
 
     def _run(self):
-        wait = FIRST_RETRY
-        tries = 0
-        stopping = self.stopping
+        state, stopping = self.state, self.stopping
         while not stopping.is_set():
-            tries += 1
+            dial = state.next_dial(time.monotonic())
+            if dial is None:
+                stopping.wait(state.dial_wait(time.monotonic()))
+                continue
+            address, alone = dial
+            host, _, port = address.rpartition(":")
+            if alone:
+                log.debug("dialling server %s alone: refusing other links until it answers", address,
+                         extra={"peer": address})
+            session = None
             try:
-                sock = socket.create_connection((self.host, self.port), timeout=5)
+                sock = socket.create_connection((host, int(port)), timeout=5)
             except OSError as exc:
                 reason = exc.strerror or str(exc)
             else:
-                log.info("connected to server %s (try %d)", self.peer_key, tries, extra={"peer": self.peer_key})
-                started = time.monotonic()
-                session, reason = self.serve_link(sock, self.peer_key)
-                if session is not None:  # it was up (serve_link said so; a failed TLS handshake never is)
-                    tries = 0
-                    if session.link is not None and session.link.refused:
-                        log.error("server %s refused our secret; not redialling it", self.peer_key,
-                                  extra={"peer": self.peer_key})
-                        return
-                    if stopping.is_set():
-                        return
-                    if time.monotonic() - started >= STABLE:
-                        wait = FIRST_RETRY
-                    log.warning("link to server %s broke (%s); redialling in %.1f s", self.peer_key, reason,
-                                wait, extra={"peer": self.peer_key})
-                    stopping.wait(wait)
-                    wait = min(wait * 2, self.max_wait)
-                    continue
-            # A long partition must not flood the log: the first failure, then about one a minute.
-            level = logging.WARNING if tries == 1 or tries % 60 == 0 else logging.DEBUG
-            log.log(level, "cannot reach server %s (%s, try %d); retrying in %.1f s",
-                    self.peer_key, reason, tries, wait, extra={"peer": self.peer_key})
-            stopping.wait(wait)
-            wait = min(wait * 2, self.max_wait)
+                session, reason = self.serve_link(sock, address)  # None: never up (a failed TLS handshake)
+            state.dial_ended(session, time.monotonic())
+            if session is None:
+                tries = self._failures[address] = self._failures.get(address, 0) + 1
+                # A long partition must not flood the log: the first failure, then about one a minute.
+                level = logging.WARNING if tries == 1 or tries % 60 == 0 else logging.DEBUG
+                log.log(level, "cannot reach server %s (%s, try %d)", address, reason, tries,
+                        extra={"peer": address})
+                continue
+            self._failures.pop(address, None)
+            if session.link is not None and session.link.refused:
+                log.error("server %s refused our secret; not redialling it", address, extra={"peer": address})
+            elif not stopping.is_set():
+                log.warning("link to server %s ended (%s)", address, reason, extra={"peer": address})
 
 
 class Heartbeat(_Worker):

@@ -175,6 +175,19 @@ class InvalidMessage(ProtocolError):
             self.kind = kind
 
 
+class Refused(InvalidMessage):
+    """A server link refused by the re-attachment rule (``netmap.accepts``): the reply carries
+    the machine field ``refused`` (a ``netmap.REFUSED_*`` code) so the dialler moves on to its next
+    candidate without reading ``info``, which is for people."""
+
+    def __init__(self, refusal):
+        super().__init__(f"link refused: {refusal}")
+        self.code = refusal.code
+
+    def reply(self):
+        return {"command": self.command, "info": self.info, "refused": self.code}
+
+
 class AuthenticationFail(ProtocolError):
     command = "AUTHENTICATION_FAIL"
 
@@ -260,8 +273,15 @@ def authenticate(secret):
     return {"command": "AUTHENTICATE", "secret": secret}
 
 
-def server_announce(load, hostname, port):
-    return {"command": "SERVER_ANNOUNCE", "load": load, "hostname": hostname, "port": port}
+def server_announce(load, hostname, port, lineage=None, netmap=None):
+    """SERVER_ANNOUNCE; ``lineage`` and ``map`` (wire forms, see ``netmap``) are our optional
+    extension, ignored by other implementations."""
+    message = {"command": "SERVER_ANNOUNCE", "load": load, "hostname": hostname, "port": port}
+    if lineage is not None:
+        message["lineage"] = lineage
+    if netmap is not None:
+        message["map"] = netmap
+    return message
 
 
 def sync_user(users):
@@ -276,9 +296,16 @@ def user_conflict(username):
     return {"command": "USER_CONFLICT", "username": username}
 
 
-def activity_retrieve(after, marks=None):
-    """ACTIVITY_RETRIEVE; ``marks`` (origin -> highest seq held) is our optional extension."""
+def activity_retrieve(after, marks=None, held=None, lineage=None, alone=False):
+    """ACTIVITY_RETRIEVE; ``marks`` (origin -> end of the first run held), ``held`` (origin ->
+    runs held above it), the dialler's ``lineage`` and ``alone`` are our optional extensions."""
     message = {"command": "ACTIVITY_RETRIEVE", "after": after}
     if marks:
         message["marks"] = marks
+    if held:
+        message["held"] = held
+    if lineage is not None:
+        message["lineage"] = lineage
+    if alone:
+        message["alone"] = True
     return message

@@ -57,6 +57,7 @@ import enum
 import time
 
 from . import protocol
+from .dedup import peer_lacks
 
 LIVE_AFTER = 1.0
 QUIET_LIMIT = 10.0  # a peer that keeps sending activities but never asks nor announces
@@ -79,7 +80,7 @@ class Link:
 
     __slots__ = ("initiator", "peer_key", "start_no", "opened_at", "heard_at", "since", "asked",
                  "live", "refused", "load", "hostname", "port", "activities_sent",
-                 "activities_received")
+                 "activities_received", "map_gen", "was_parent")
 
     def __init__(self, initiator, peer_key, start_no, now):
         self.initiator = initiator
@@ -96,6 +97,8 @@ class Link:
         self.port = None
         self.activities_sent = 0
         self.activities_received = 0
+        self.map_gen = -1  # the state's map generation last sent on this link (issue 9)
+        self.was_parent = False  # we dialled it and it accepted: our parent (issue 9)
 
     @classmethod
     def dialled(cls, peer_key, start_no, now):
@@ -204,7 +207,7 @@ class PeerMemory:
         return self.marks.get(peer_key, "") if peer_key else ""
 
 
-def missing_entries(history, after, marks):
+def missing_entries(history, after, marks, held=None):
     """History entries a peer lacks, in history order.
 
     A peer that sends no ``marks`` (another implementation, or one holding none of our ids) gets
@@ -215,7 +218,8 @@ def missing_entries(history, after, marks):
     restarted process (which may even have received that id from the peer's own answer a moment
     ago) our history is in another order than what the peer was sent, so entries before it can
     be ones the peer never saw. Marks are exact, and they keep what we send per origin gap-free,
-    which the peer's de-duplication by per-origin sequence number relies on."""
+    which the peer's de-duplication by per-origin sequence number relies on. ``held`` (origin ->
+    runs held above the mark, see ``dedup.peer_lacks``) skips what the peer holds beyond its mark."""
     if not marks:
         return history.after_id(after or None)
     after_no = history.number_of(after) if after else None
@@ -227,7 +231,7 @@ def missing_entries(history, after, marks):
         origin, seq = split_id(activity_id)
         mark = marks.get(origin)
         if mark is not None:  # one of ours, from an origin the peer holds some of
-            if not (seq.isdigit() and int(seq) <= mark):
+            if not seq.isdigit() or int(seq) > mark and (not held or peer_lacks(origin, int(seq), marks, held)):
                 missing.append(entry)
         elif entry[0] >= start or protocol.parse_id(activity_id) is not None:
             missing.append(entry)

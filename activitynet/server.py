@@ -11,9 +11,13 @@ Options (the Project 1 flag in brackets):
                             this one (default: this machine's address)
   --remote-host=HOST        [-rh] a server of the network to join (default: start alone)
   --remote-port=PORT        [-rp] its port [default: 3780]
+  --join=HOST:PORT,...      more servers of the network to join, tried in order after -rh/-rp;
+                            the network heals itself when servers die (README: re-attachment)
+  --grace=SECONDS           how long a lost parent is redialled before this server attaches
+                            elsewhere (a settled root left alone waits twice as long) [default: 2]
   --secret=SECRET           [-s] the servers' shared secret (default: generate and print one)
-  --activity-interval=MS    [-a] activity interval in ms; a broken link is redialled at least
-                            this often, and at least once a second [default: 5000]
+  --activity-interval=MS    [-a] activity interval in ms (accepted for Project 1; a lost
+                            parent is redialled at least once a second) [default: 5000]
   --bind=ADDRESS            address to listen on [default: 0.0.0.0]
   --history=N               activities kept for partition recovery [default: 100000]
   --data-dir=DIR            keep users, blocked names, this server's identity and the
@@ -81,7 +85,7 @@ import time
 from . import __version__, cli, handlers, limits, logs, schemas, stats, tls
 from .connection import Connection, LineTooLong, PlainTransport, Poller
 from .limits import Admission, Deadlines, LimitLog, LoginThrottle, Refused, TokenBucket, activity_cost
-from .links import MAX_RETRY_WAIT, Dialer, Heartbeat
+from .links import Dialer, Heartbeat
 from .monitor import Monitor
 from .protocol import InvalidMessage, ProtocolError, encode
 from .session import NEW, SERVER
@@ -131,6 +135,8 @@ class Settings:
     local_host: str = "127.0.0.1"
     remote_host: str | None = None
     remote_port: int = 3780
+    joins: list = dataclasses.field(default_factory=list)  # --join: [(host, port)], after -rh/-rp
+    grace: float = 2.0
     secret: str | None = None
     activity_interval: int = 5000
     bind: str = "0.0.0.0"
@@ -224,7 +230,7 @@ class Server:
         # Plug-in points for the monitor: callables returning what is wrong (a string) or None
         # (a durable store's status, say), and the network map (see ``MonitorView``).
         self.health_checks = []
-        self.network_map = None
+        self.network_map = None  # set to the state's once it exists (``_listen``)
         # StoreError for a bad data directory (locked, not ours, newer): before the listener
         opening = time.perf_counter()
         self.store = Store.open(settings.data_dir, settings.disk_history) if settings.data_dir else None
@@ -247,11 +253,8 @@ class Server:
         self._conns_lock = threading.Lock()  # guards _conns
         self._conns = {}  # open Connection -> the thread serving it
         self._arrivals = queue.SimpleQueue()  # accepted, waiting for their thread; None: stop
-        self._threads = [Heartbeat(self.state, self.stopping), _Thread(self._spawn, "spawner")]
-        if settings.remote_host:
-            max_wait = min(max(settings.activity_interval, 100) / 1000, MAX_RETRY_WAIT)
-            self._threads.append(Dialer(settings.remote_host, settings.remote_port, max_wait,
-                                        self.stopping, self.serve_link))
+        self._threads = [Heartbeat(self.state, self.stopping), _Thread(self._spawn, "spawner"),
+                         Dialer(self.state, self.stopping, self.serve_link)]
 
     def _listen(self, settings):
         """The listener, the state (from the store, if any), TLS, limits and the monitor."""
@@ -265,9 +268,11 @@ class Server:
                              f"{exc.strerror or exc}") from exc
         self.listener.listen(LISTEN_BACKLOG)
         self.port = self.listener.getsockname()[1]
+        joins = ([(settings.remote_host, settings.remote_port)] if settings.remote_host else []) + settings.joins
         try:
             self.state = State(settings.local_host, self.port, history_size=settings.history,
-                               counters=self.counters, store=self.store)
+                               counters=self.counters, store=self.store,
+                               joins=[f"{host}:{port}" for host, port in joins], grace=settings.grace)
         except BaseException:
             self.listener.close()
             raise
@@ -293,6 +298,8 @@ class Server:
                 self.listener.close()
                 raise StartError(f"cannot listen for the monitor on {settings.monitor_bind}:"
                                  f"{settings.monitor_port}: {exc.strerror or exc}") from exc
+            self.state.set_monitor(f"{settings.local_host}:{self.monitor.address[1]}")  # in our map entry
+        self.network_map = self.state.network  # issue 9's map, for the monitor's /networkz
 
     @property
     def address(self):
@@ -828,6 +835,8 @@ def parse_settings(argv):
         local_host=args["--local-host"] or default_hostname(),
         remote_host=remote_host,
         remote_port=cli.port(args["--remote-port"], "-rp/--remote-port"),
+        joins=cli.addresses(args["--join"], "--join") if args["--join"] is not None else [],
+        grace=cli.positive_int(args["--grace"], "--grace"),
         secret=secret,
         activity_interval=cli.positive_int(args["--activity-interval"], "-a/--activity-interval"),
         bind=args["--bind"],

@@ -29,11 +29,13 @@ import sqlite3
 import threading
 import time
 
-from . import protocol, recovery, stats
+from . import netmap, protocol, recovery, stats
 from .connection import SLOW_CONSUMER, Outgoing
 from .credentials import same_secret
-from .history import History, Seen
-from .protocol import AuthenticationFail, InvalidMessage, LoginFailed, RegisterFailed, encode
+from .dedup import Intake
+from .history import History
+from .netmap import Lineage, NetMap, Seeker
+from .protocol import AuthenticationFail, InvalidMessage, LoginFailed, Refused, RegisterFailed, encode
 from .recovery import Step
 from .session import CLIENT, SERVER, Session
 from .store import StoreError
@@ -58,9 +60,11 @@ class State:
     """Sessions, clients, links, users and history of one server; see the module docstring."""
 
     def __init__(self, hostname, port, history_size=100_000, origin=None, clock_slack=CLOCK_SLACK,
-                 users=None, history=None, outgoing=None, lock=None, counters=None, store=None):
+                 users=None, history=None, outgoing=None, lock=None, counters=None, store=None,
+                 joins=(), grace=netmap.GRACE):
         """``store``: a ``store.Store`` (``--data-dir``) to start from and record into; without
-        one everything is in memory and a new server starts empty."""
+        one everything is in memory and a new server starts empty. ``joins``, ``grace``: see
+        the network map below."""
         self.outgoing = outgoing or Outgoing()
         self._locked = self.outgoing.holding(lock or threading.RLock())  # see the module doc
         self.clock_slack = clock_slack
@@ -74,7 +78,20 @@ class State:
         self._session_ids = itertools.count(1)
         self._users = Users() if users is None else users
         self._history = History(history_size) if history is None else history
-        self._seen = Seen(max(4 * history_size, 10_000))
+        self._intake = Intake(max(4 * history_size, 10_000))  # any-path de-duplication and order
+        # The network map and the re-attachment rule (``netmap``; issue 9). ``joins``: the
+        # -rh/--join servers as "host:port", in order; a server with none is a settled root.
+        started_ms = int(time.time() * 1000)
+        self.me = f"{hostname}:{port}"
+        self.lineage = Lineage.joining(self.me, started_ms) if joins else Lineage.settled(self.me)
+        self.netmap = NetMap(self.me, started_ms, self.lineage)
+        self.seeker = Seeker(joins, grace)
+        self.monitor = None  # "host:port" of our monitor endpoint, if any: see set_monitor
+        self.resumes = None  # (our origin, first seq) when a durable counter resumed above 1
+        self._resumes_seen = set()  # (origin, first) of others already applied to the intake
+        self._parent = None  # the session of the link to our parent: we dialled it, it accepted
+        self._dial_alone = False  # our pending dial says alone: refuse every diallers meanwhile
+        self._map_gen = 0  # bumped when the map changes; a link is sent the map when behind
         self._peers = recovery.PeerMemory()
         self._store = store
         self._answering = set()  # link sessions being answered from disk (not live yet)
@@ -116,7 +133,13 @@ class State:
                 if not self._names[session.username]:
                     del self._names[session.username]
                 self._announce_load()
-            self._links.pop(session, None)
+            link = self._links.pop(session, None)
+            if link is not None:
+                if session is self._parent:  # an orphan root now; its subtree hears it at once
+                    self._parent = None
+                    self.seeker.parent_lost(self.lineage, time.monotonic(), link.peer_key)
+                    self.lineage = self.lineage.orphaned()
+                self._map_update()
 
     # --- clients ---------------------------------------------------------------------------
 
@@ -222,7 +245,7 @@ class State:
             sent_ms = int(time.time() * 1000)
             activity_id = protocol.make_id(self.origin, seq, sent_ms)
             line = encode(protocol.activity_broadcast(activity, activity_id))
-            self._seen.first_sighting(activity_id, (self.origin, seq, sent_ms))
+            self._intake.sent(self.origin, seq)
             self.counters.activities_from_clients += 1
             self._publish(activity_id, line, source=None, origin=self.origin, seq=seq)
 
@@ -244,22 +267,55 @@ class State:
             link = self._new_link(session, recovery.Link.accepted(self._history.last_no, time.monotonic()))
             self._take(session, link.open())
 
-    def peer_announced(self, session, load, hostname, port):
-        """A neighbour's SERVER_ANNOUNCE; returns True the first time this link announces."""
+    def peer_announced(self, session, load, hostname, port, lineage=None, wire_map=None):
+        """A neighbour's SERVER_ANNOUNCE; returns True the first time this link announces.
+        ``lineage`` and ``wire_map`` are our extension (issue 9): the first announce on a link
+        we dialled says the peer accepted it, so the peer is our parent; our parent's lineage
+        is the start of ours, unless it holds us already (a cycle: we drop the link)."""
         with self._locked:
             link = self._links[session]
             first = not link.announced
             self._take(session, link.peer_announced(load, hostname, port))
+            changed = wire_map is not None and self.netmap.merge(wire_map)
+            if changed:
+                self._apply_resumes()
+            if first and link.initiator and self._parent is None:
+                self._parent = session
+                link.was_parent = True
+                self._dial_alone = False
+                self.seeker.attached()
+            if session is self._parent:
+                if lineage is not None and netmap.loops(self.me, lineage):
+                    raise Refused(netmap.Refusal(netmap.REFUSED_CYCLE, f"{self.me} is in its parent's "
+                                                 f"lineage ({' > '.join(lineage.chain())}): a cycle"))
+                parent = lineage or Lineage.settled(f"{hostname}:{port}")  # not one of ours
+                self.lineage = parent.child(self.me)
+            if first or changed or session is self._parent:
+                self._map_update(force=changed)
             return first
 
-    def peer_asked(self, session, after, marks):
+    def peer_asked(self, session, after, marks, held=None, lineage=None, alone=False):
         """A neighbour's ACTIVITY_RETRIEVE: everything before this goes into the answer,
         everything after is forwarded live, so nothing is missed and nothing overtakes.
+        A dialler that sends its ``lineage`` is one of ours re-attaching: the rule
+        (``netmap.accepts``) decides here, under the lock, before anything is answered, whether it
+        may hang below us.
 
         With a data store, what the peer lacks beyond the in-memory history is sent first, read
         from disk outside the lock (``_send_stored``), positions below the oldest in memory; the
         link stays out of live forwarding (and ``tick``'s replay) meanwhile. If memory evicted
         more in the meantime, that range is read from disk too, before the memory part."""
+        if lineage is not None:
+            with self._locked:
+                link = self._links.get(session)
+                if link is not None and not link.initiator:
+                    refusal = netmap.accepts(self.lineage, lineage, alone)
+                    if refusal is None and self._dial_alone:
+                        refusal = netmap.Refusal(netmap.REFUSED_BUSY, f"{self.me} is dialling alone")
+                    if refusal is not None:
+                        raise Refused(refusal)
+                    link.peer_key = lineage.address()
+                    self._map_update()
         stored_below = 1  # positions below this were sent from disk
         after_position = None
         use_disk = self._store is not None
@@ -276,7 +332,7 @@ class State:
                                     "positions %d to %d may be missing", session.address,
                                     DISK_PASSES, stored_below, first - 1)
                     self._answering.discard(session)
-                    self._take(session, link.peer_asked(), request=(after, marks))
+                    self._take(session, link.peer_asked(), request=(after, marks, held))
                     return
                 self._answering.add(session)
                 if attempt == 0:
@@ -304,6 +360,10 @@ class State:
         the links silent for more than ``silence`` seconds, for the caller to close."""
         silent = []
         with self._locked:
+            for item in self._intake.expire(now):  # gaps waited for long enough: given up
+                self._publish_item(item)
+            if self.netmap.expire(now):
+                self._map_update(force=True)
             for session, link in self._links.items():
                 if now - session.outbox.last_heard > silence:
                     silent.append(session.outbox)
@@ -325,7 +385,14 @@ class State:
                 if link.peer_key is not None:
                     self._peers.heard(link.peer_key, activity_id)  # the store shares its dict
             parsed = protocol.parse_id(activity_id)
-            if (parsed is None and activity_id in self._history) or not self._seen.first_sighting(activity_id, parsed):
+            if parsed is None and activity_id in self._history:
+                self.counters.activities_deduplicated += 1
+                return False
+            duplicates = self._intake.duplicates
+            # held back while an earlier one of its sender is missing, so possibly none or several
+            items = self._intake.receive(activity_id, parsed, (activity, activity_id, parsed, session, received),
+                                         time.monotonic())
+            if self._intake.duplicates != duplicates:
                 self.counters.activities_deduplicated += 1
                 if self._store is not None:  # the peer mark changed: no activity wakes the writer
                     self._store.poke()
@@ -333,16 +400,9 @@ class State:
             self.counters.activities_from_servers += 1
             if link is not None and parsed is not None and parsed[2] < link.since * 1000:
                 self.counters.activities_recovered += 1  # sent before this link came up: its backlog
-            if received is not None:
-                line = received + b"\n"
-            else:
-                line = encode(protocol.activity_broadcast(activity, activity_id))
-            if parsed is None:
-                self._publish(activity_id, line, source=session)
-            else:
-                self._publish(activity_id, line, source=session, sent=parsed[2] / 1000,
-                              origin=parsed[0], seq=parsed[1])
-            return True
+            for item in items:
+                self._publish_item(item)
+            return bool(items)
 
     # --- users across servers --------------------------------------------------------------
 
@@ -458,7 +518,7 @@ class State:
         self._next_seq = store.next_seq
         self._users = DurableUsers(store, loaded.users, loaded.blocked)
         self._history = History(history_size, _gap_free_tail(loaded.history), loaded.last_position)
-        self._seen = Seen(max(4 * history_size, 10_000), loaded.marks)
+        self._intake.restore(loaded.marks)
         for peer_key, activity_id in loaded.peer_marks.items():
             self._peers.heard(peer_key, activity_id)
         store.share_peer_marks(self._peers.marks)
@@ -519,10 +579,12 @@ class State:
                 for line in sync_user_lines(self._users.users(), always=True):
                     session.send(line)
             elif step is Step.ASK:
-                session.send(encode(protocol.activity_retrieve(self._peers.last_from(link.peer_key),
-                                                               self._seen.marks())))
+                lineage = self.lineage.to_wire() if link.initiator else None
+                session.send(encode(protocol.activity_retrieve(
+                    self._peers.last_from(link.peer_key), self._intake.marks(), self._intake.extras(),
+                    lineage, link.initiator and self._dial_alone)))
             elif step is Step.ANNOUNCE:
-                session.send(encode(self._announce_message()))
+                session.send(encode(self._announce_message(link)))
             else:
                 if step is Step.ANSWER:
                     entries = recovery.missing_entries(self._history, *request)
@@ -557,6 +619,19 @@ class State:
             f"user {username} was deleted: it was registered elsewhere with a different secret").reply())
         for client in [c for c in self._clients if c.username == username]:
             client.send_last(goodbye, f"user {username} deleted by a conflict")
+
+    def _publish_item(self, item):
+        """Publish an activity ``Intake`` released: (activity, id, parsed id, source session,
+        the line as received when it may be relayed unchanged, else None)."""
+        activity, activity_id, parsed, source, received = item
+        if received is not None:
+            line = received + b"\n"
+        else:
+            line = encode(protocol.activity_broadcast(activity, activity_id))
+        if parsed is None:
+            self._publish(activity_id, line, source=source)
+        else:
+            self._publish(activity_id, line, source=source, sent=parsed[2] / 1000, origin=parsed[0], seq=parsed[1])
 
     def _publish(self, activity_id, line, source, sent=None, origin=None, seq=None):
         """Keep, deliver and forward an activity. ``sent`` (wall-clock seconds, known for our own
@@ -593,14 +668,94 @@ class State:
         return [(link.load, link.hostname, link.port)
                 for link in self._links.values() if link.load is not None]
 
-    def _announce_message(self):
-        return protocol.server_announce(len(self._clients), self.hostname, self.port)
+    def _announce_message(self, link):
+        """Our SERVER_ANNOUNCE for ``link``: load, lineage, and the map if the link lacks it."""
+        wire_map = None
+        if link.map_gen != self._map_gen:
+            link.map_gen = self._map_gen
+            wire_map = self.netmap.to_wire()
+        return protocol.server_announce(len(self._clients), self.hostname, self.port,
+                                        self.lineage.to_wire(), wire_map)
 
     def _announce_load(self):
-        line = encode(self._announce_message())
         for session, link in self._links.items():
             if link.may_announce_load:
-                session.send(line)
+                session.send(encode(self._announce_message(link)))
+
+    def _map_update(self, force=False):
+        """Our own map entry from our links now; when the map changed (or ``force``: a merge or
+        an expiry changed it), every link is sent it (with our lineage) hop by hop."""
+        up = None
+        if self._parent is not None:
+            link = self._parent.link
+            up = f"{link.hostname}:{link.port}" if link.announced else link.peer_key
+        down = [link.peer_key for link in self._links.values() if not link.initiator and link.peer_key]
+        if self.netmap.set_own(up, down, self.lineage, self.monitor, self.resumes) or force:
+            self._map_gen += 1
+            self._announce_load()
+
+    def _apply_resumes(self):
+        """A restarted origin's "resumes" in the map (see ``dedup.Reorder.resume``): its
+        activities are not held for the numbers it skipped."""
+        for entry in self.netmap.entries.values():
+            if entry.resumes is not None and entry.resumes not in self._resumes_seen:
+                self._resumes_seen.add(entry.resumes)
+                for item in self._intake.order.resume(*entry.resumes):
+                    self._publish_item(item)
+
+    # --- the dialler's questions (links.Seeking) --------------------------------------------
+
+    def next_dial(self, now):
+        """(address, alone) to dial now, or None (see ``netmap.Seeker``)."""
+        with self._locked:
+            has_children = bool(self.netmap.own.down)  # servers that hang below us (not a probe)
+            dial = self.seeker.next_dial(now, self.netmap, self.lineage, has_children)
+            self._dial_alone = bool(dial and dial[1])
+            return dial
+
+    def dial_ended(self, session, now):
+        """Our dial ended (``session`` is None if no connection was made): unless the peer
+        accepted it as our parent at some point, the seeker moves on."""
+        with self._locked:
+            self._dial_alone = False
+            if session is None or session.link is None or not session.link.was_parent:
+                self.seeker.outcome(now, False)
+            if session is not None and session.link is not None and session.link.refused:
+                self.seeker.excluded.add(session.link.peer_key)
+
+    def dial_wait(self, now):
+        with self._locked:
+            return self.seeker.wait_hint(now)
+
+    def set_monitor(self, address):
+        """Our monitor endpoint's "host:port": it rides in our map entry, for the others' maps."""
+        with self._locked:
+            self.monitor = address
+            self._map_update()
+
+    def network(self):
+        """The network map as plain data, for the monitor's /networkz (``server.network_map``),
+        the benchmarks and tests: {"me": "h:p", "root": "h:p" (of our network), "servers":
+        [{"address", "parent", "children", "load", "monitor", "alive", "root", "depth"}],
+        "links": [{"a": child, "b": parent}]}. "alive": in our network (servers outside it are
+        dead or cut off, kept a while as addresses to try); "links" are the links both ends
+        confirm within our network (n - 1 once settled); "load" is known for us and our
+        neighbours only (None otherwise)."""
+        with self._locked:
+            inside = self.netmap.component()
+            loads = {f"{link.hostname}:{link.port}": link.load
+                     for link in self._links.values() if link.announced}
+            loads[self.me] = len(self._clients)
+            servers, links = [], []
+            for address, entry in sorted(self.netmap.entries.items()):
+                chain = entry.lineage.chain() if entry.lineage is not None else None
+                servers.append({"address": address, "parent": entry.up, "children": list(entry.down),
+                                "load": loads.get(address), "monitor": entry.monitor,
+                                "alive": address in inside, "root": chain[0] if chain else None,
+                                "depth": len(chain) - 1 if chain else None})
+                if address in inside and entry.up and self.netmap.linked(address, entry.up):
+                    links.append({"a": address, "b": entry.up})
+            return {"me": self.me, "root": self.lineage.chain()[0], "servers": servers, "links": links}
 
 
 def _gap_free_tail(entries):

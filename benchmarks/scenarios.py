@@ -710,3 +710,4 @@ def memory_history(ctx, count):
 from . import curves  # noqa: E402,F401  (the scaling curves register themselves here too)
 from . import monitoring  # noqa: E402,F401  (the monitor's scenarios register themselves here too)
 from . import hostile  # noqa: E402,F401  (registers issue 11's scenarios; it imports from here)
+from . import healing  # noqa: E402,F401 (registers the self-healing scenario; issue 9)

@@ -206,7 +206,7 @@ def test_counters_move_as_activities_flow_through_a_chain(make_process):
     assert record["messages_in"] == 21 and record["messages_out"] == 21  # LOGIN + 20, each answered
 
     status, network = get(on_b, "/networkz")
-    assert status == 200 and network["source"] == "neighbours"
+    assert status == 200 and network["source"] == "network map"  # issue 9's, State.network()
     assert {s["address"] for s in network["servers"]} == {f"127.0.0.1:{a.port}", f"127.0.0.1:{b.port}"}
     assert network["links"][0]["live"] is True
     samples = metrics(on_b)
@@ -347,12 +347,12 @@ def test_the_status_command_draws_a_real_network(make_process):
     done = status()
     assert done.returncode == 0, done.stderr
     lines = done.stdout.splitlines()
-    assert lines[0].startswith("3 servers, 2 links (this server and its neighbours")
+    assert lines[0].startswith("3 servers, 2 links (the whole network")  # b's network map (issue 9)
     rows = {re.search(r"127\.0\.0\.1:(\d+)", line).group(1): line for line in lines[1:]}
     assert set(rows) == {str(a.port), str(b.port), str(c.port)}
-    assert rows[str(b.port)].split()[1:6] == ["*", "1", "clients", "2", "links"]
-    for neighbour in (a, c):  # what b knows of them: their announced load; their monitors are unknown
-        assert rows[str(neighbour.port)].split()[-8:] == ["0", "clients", "1", "link", "up", "?", "?", "act/s"]
+    assert rows[str(b.port)].split()[-9:-3] == ["*", "1", "clients", "2", "links", "up"], rows
+    for neighbour in (a, c):  # their monitors are known from the map: their own figures
+        assert rows[str(neighbour.port)].split()[-8:-3] == ["0", "clients", "1", "link", "up"]
     done = status("--json")
     gathered = json.loads(done.stdout)
     assert gathered["varz"][f"127.0.0.1:{b.port}"]["counts"]["clients"] == 1
@@ -360,13 +360,14 @@ def test_the_status_command_draws_a_real_network(make_process):
 
 
 def test_a_network_map_plugs_into_networkz():
-    """Until the self-healing network map exists the server shows its neighbours; a map plugged
-    in as ``server.network_map`` (a callable giving servers and links) replaces them."""
+    """The self-healing network map (``State.network``) is plugged in by default; any callable set
+    as ``server.network_map`` (giving servers and links) replaces it."""
     server = LocalServer(monitor_port=0)
     monitor = "%s:%d" % server.server.monitor.address
     me = f"127.0.0.1:{server.port}"
     try:
-        assert get(monitor, "/networkz")[1]["source"] == "neighbours"
+        network = get(monitor, "/networkz")[1]
+        assert network["source"] == "network map" and [s["address"] for s in network["servers"]] == [me]
         server.server.network_map = lambda: {
             "servers": [{"address": me}, {"address": "127.0.0.1:1", "load": 4, "monitor": "127.0.0.1:2"}],
             "links": [{"a": me, "b": "127.0.0.1:1"}], "root": me}

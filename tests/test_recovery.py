@@ -24,6 +24,11 @@ from harness import LineClient, wait_until
 from recorder import log_in_here, sequences, try_login, try_register
 
 LONG = 60.0  # generous: recovery on a slow, busy 2-core machine
+# The relay in these tests is the one cable between two halves. On 127.0.0.1 every server can
+# also reach every other directly, where a real partition would leave no other way, so the servers
+# are told to wait for their cable (a lost parent is redialled, and a lone root waits, an hour)
+# instead of re-attaching around the cut; test_self_healing.py shows that healing.
+CABLE = ["--grace", "3600"]
 SILENCE_DETECTED = 8.0  # heartbeat silence (3 s) + one heartbeat period + scheduling slack
 
 
@@ -158,11 +163,11 @@ def test_killed_middle_server_halves_keep_serving_and_restart_reattaches(make_pr
 
 def test_partition_heals_with_every_activity_once_in_order(make_process, make_relay, recorders):
     """a1 <- a2 <-relay- b1 <- b2: the relay is the cable between the two halves."""
-    a1 = make_process()
-    a2 = make_process(remote_port=a1.port)
+    a1 = make_process(extra=CABLE)
+    a2 = make_process(remote_port=a1.port, extra=CABLE)
     relay = make_relay(a2.port)
-    b1 = make_process(remote_port=relay.port)
-    b2 = make_process(remote_port=b1.port)
+    b1 = make_process(remote_port=relay.port, extra=CABLE)
+    b2 = make_process(remote_port=b1.port, extra=CABLE)
     clients = [join(recorders, server.port, name) for name, server in
                (("a1", a1), ("a2", a2), ("b1", b1), ("b2", b2))]
     side_a, side_b = clients[:2], clients[2:]
@@ -206,10 +211,10 @@ def test_partition_heals_with_every_activity_once_in_order(make_process, make_re
 
 def test_conflicting_registration_across_partition_is_deleted_everywhere(make_process, make_relay, recorders):
     """a <-relay- b <- c: "x" is registered with one secret on a and another on c while cut."""
-    a = make_process()
+    a = make_process(extra=CABLE)
     relay = make_relay(a.port)
-    b = make_process(remote_port=relay.port)
-    c = make_process(remote_port=b.port)
+    b = make_process(remote_port=relay.port, extra=CABLE)
+    c = make_process(remote_port=b.port, extra=CABLE)
     probe_a, probe_c = join(recorders, a.port, "probe-a"), join(recorders, c.port, "probe-c")
     link_works(recorders, [probe_a, probe_c], "up")
 
@@ -242,9 +247,9 @@ def test_conflicting_registration_across_partition_is_deleted_everywhere(make_pr
 def test_new_activities_racing_recovered_ones_keep_sender_order(make_process, make_relay, recorders):
     """Both sides send a steady stream while the cable is cut and healed three times, so new
     activities race with the recovered ones on every fresh link."""
-    a = make_process()
+    a = make_process(extra=CABLE)
     relay = make_relay(a.port)
-    b = make_process(remote_port=relay.port)
+    b = make_process(remote_port=relay.port, extra=CABLE)
     ra, rb = join(recorders, a.port, "ra"), join(recorders, b.port, "rb")
     link_works(recorders, [ra, rb], "up")
 
@@ -304,9 +309,9 @@ def test_peer_slow_to_answer_on_a_new_link_loses_nothing(make_process, make_rela
     """Regression: a dialler whose peer took more than a second to send its ACTIVITY_RETRIEVE went
     live on its own timer, sent the newest activities first, and its peer then dropped the older
     ones of the partition as already seen (per-origin high-water marks)."""
-    a = make_process()
+    a = make_process(extra=CABLE)
     relay = make_relay(a.port)
-    b = make_process(remote_port=relay.port)
+    b = make_process(remote_port=relay.port, extra=CABLE)
     ra, rb = join(recorders, a.port, "ra"), join(recorders, b.port, "rb")
     link_works(recorders, [ra, rb], "up")
 
@@ -333,9 +338,9 @@ def test_restarted_server_cut_off_at_first_sends_what_its_clients_sent(make_proc
     process at that address; the new process had just received it back in the neighbour's own
     answer, *after* the activities its clients sent while it was cut off, so those were skipped,
     and the neighbour's de-duplication then dropped them for good."""
-    a = make_process()
+    a = make_process(extra=CABLE)
     relay = make_relay(a.port)
-    b = make_process(remote_port=relay.port)
+    b = make_process(remote_port=relay.port, extra=CABLE)
     ra, rb = join(recorders, a.port, "ra"), join(recorders, b.port, "rb")
     link_works(recorders, [ra, rb], "up")  # a's last id from b's address: rb's probe
 
@@ -533,9 +538,9 @@ def linked_state(*peers):
     state = new_state()
     sessions = []
     for index, name in enumerate(peers):
-        session = accept_peer(state, name, 5000 + index)
+        sessions.append(accept_peer(state, name, 5000 + index))
+    for session in sessions:  # each new link changed our network map: announced to every link
         take(session)
-        sessions.append(session)
     return state, sessions
 
 
@@ -567,7 +572,8 @@ def test_retrieve_request_asks_after_the_last_id_from_that_peer_with_marks():
     again = new_session(state, "again")
     state.dial_link(again, "127.0.0.1:5000", "secret")
     assert take(again, "ACTIVITY_RETRIEVE") == [{
-        "command": "ACTIVITY_RETRIEVE", "after": own(ORIGIN_B, 2), "marks": {ORIGIN_B: 2}}]
+        "command": "ACTIVITY_RETRIEVE", "after": own(ORIGIN_B, 2), "marks": {ORIGIN_B: 2},
+        "lineage": [0, 0, ["127.0.0.1:4000"], []]}]  # the dialler's lineage: the acceptor judges it
 
 
 def test_activities_deduplicated_by_origin_sequence_and_by_foreign_id():

@@ -632,8 +632,13 @@ def test_initiator_opens_with_authenticate_retrieve_sync_announce(make_server, l
         assert peer.recv() == {"command": "AUTHENTICATE", "secret": SECRET}
         assert peer.recv()["command"] == "ACTIVITY_RETRIEVE"
         assert peer.recv() == {"command": "SYNC_USER", "users": {}}
-        assert peer.recv() == {"command": "SERVER_ANNOUNCE", "load": 0, "hostname": "127.0.0.1",
-                               "port": server.port}
+        announce = peer.recv()
+        me = f"127.0.0.1:{server.port}"
+        # the Project 1 fields, then our optional ones (issue 9): a joining root, and its map
+        assert {k: announce.pop(k) for k in ("command", "load", "hostname", "port")} == \
+            {"command": "SERVER_ANNOUNCE", "load": 0, "hostname": "127.0.0.1", "port": server.port}
+        assert announce["lineage"][0] == 2 and announce["lineage"][2:] == [[me], []]
+        assert list(announce["map"]) == [me] and announce["map"][me]["up"] is None
         # answer as an acceptor would, then check the link works both ways
         peer.heartbeat()
         peer.send({"command": "SYNC_USER", "users": {"olga": "pw"}})
@@ -674,7 +679,10 @@ def test_initiator_refused_by_its_peer_gives_up(make_server, listener, caplog):
     peer.send({"command": "AUTHENTICATION_FAIL", "info": "the supplied secret is incorrect: not-theirs"})
     while peer.recv() is not None:
         pass
-    dialer = [t for t in server.server._threads if hasattr(t, "peer_key")][0]
-    wait_until(lambda: not dialer.thread.is_alive(), message="the dialer to stop redialling")
+    address = f"127.0.0.1:{remote.port}"
+    wait_until(lambda: address in server.server.state.seeker.excluded, message="the peer to be excluded")
     assert "refused our secret" in caplog.text
     peer.close()
+    listener.settimeout(2.0)  # a failed dial is retried within 1 s: this would catch a redial
+    with pytest.raises(socket.timeout):
+        listener.accept()
