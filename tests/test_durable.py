@@ -16,8 +16,6 @@ import threading
 import urllib.error
 import urllib.request
 
-import pytest
-
 from activitynet import protocol, store
 from activitynet.state import State
 from activitynet.store import Store
@@ -25,14 +23,6 @@ from harness import ROOT, SECRET, LineClient, wait_until
 from recorder import log_in_here, sequences, try_login, try_register
 
 LONG = 60.0  # generous: restarts and recovery on a slow, busy 2-core machine
-
-
-@pytest.fixture
-def recorders():
-    opened = []
-    yield opened
-    for recorder in opened:
-        recorder.close()
 
 
 def data_dir(tmp_path, name):
