@@ -292,12 +292,18 @@ def blocked_in_recv(thread):
     return frame is not None and frame.f_code is TlsTransport.recv.__code__
 
 
-def test_shutdown_wakes_a_reader_blocked_in_recv(pair, contexts):
-    server, client = handshake(pair, *contexts)
+def reader_waiting_in_recv(transport):
+    """A thread blocked in ``transport.recv()``, and the list its result will be appended to."""
     results = []
-    reader = threading.Thread(target=lambda: results.append(server.recv()))
+    reader = threading.Thread(target=lambda: results.append(transport.recv()))
     reader.start()
     wait_until(lambda: blocked_in_recv(reader), message="the reader to wait in recv")
+    return reader, results
+
+
+def test_shutdown_wakes_a_reader_blocked_in_recv(pair, contexts):
+    server, client = handshake(pair, *contexts)
+    reader, results = reader_waiting_in_recv(server)
     server.shutdown()
     reader.join(TIMEOUT)
     assert results == [b""]
@@ -312,10 +318,7 @@ def test_close_while_a_reader_waits_ends_the_reader_not_the_process(pair, contex
     """What Connection.close does from another thread (the deadline thread, a slow-consumer
     cut): the waiting reader returns b"" and nothing raises in either thread."""
     server, client = handshake(pair, *contexts)
-    results = []
-    reader = threading.Thread(target=lambda: results.append(server.recv()))
-    reader.start()
-    wait_until(lambda: blocked_in_recv(reader), message="the reader to wait in recv")
+    reader, results = reader_waiting_in_recv(server)
     server.close()
     reader.join(TIMEOUT)
     assert results == [b""]
