@@ -24,7 +24,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from .cluster import BenchmarkError, raise_open_files_limit
 from .report import Target
-from .scenarios import (CHAIN_WINDOW, CpuClock, close_all, log_in_many, scenario,
+from .scenarios import (CHAIN_WINDOW, RAW_THROUGHPUT, CpuClock, close_all, log_in_many, scenario,
                         sender_on_a_receiver_on_b, send_stream, stream_seconds, wait_received)
 from .streams import percentile
 
@@ -103,7 +103,7 @@ def one_chain(ctx, count, monitored):
     per activity, the tallies, the scraper (None with the monitor off), A's /metrics read once
     the stream has arrived (or None))."""
     total = count + 1
-    with ctx.cluster(extra=MONITORED if monitored else []) as cluster, \
+    with ctx.cluster(extra=RAW_THROUGHPUT + (MONITORED if monitored else [])) as cluster, \
             sender_on_a_receiver_on_b(ctx, cluster, total) as (sender, receiver, far, echo):
         scraper = Scraper([monitor_address(server) for server in cluster.servers] if monitored else [])
         started = time.perf_counter()
