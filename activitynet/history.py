@@ -10,46 +10,59 @@ activities from 1 in the order it sent them, which is the order every server rec
 constant memory. Foreign ids are opaque: they are remembered one by one, in a bounded set.
 """
 
-import itertools
-from collections import OrderedDict, deque
+from collections import OrderedDict
 
 
 class History:
-    """Bounded cache of ACTIVITY_BROADCAST lines in arrival order, with O(1) lookup by id.
+    """Bounded cache of ACTIVITY_BROADCAST lines in arrival order, with O(1) lookup by id and by
+    history number.
 
     Every entry gets a history number (1, 2, ...) that is never reused, so a link can remember
-    "everything after number n" even while old entries are evicted."""
+    "everything after number n" even while old entries are evicted. The entries live in a ring
+    of ``size`` slots, the one numbered n in slot n % size, so a catch-up (``recovery.CatchUp``)
+    reads any run of them in time proportional to its length, wherever it starts: a deque's
+    middle costs a walk from its end (milliseconds at a million entries, under the lock)."""
 
     def __init__(self, size):
         self.size = size
-        self._entries = deque()  # (number, id, line bytes)
+        self._slots = [None] * size  # (number, id, line bytes), entry n at n % size
         self._index = {}  # id -> number
-        self._numbers = itertools.count(1)
+        self.first_no = 1  # the oldest number held (last_no + 1 when empty)
         self.last_no = 0
         self.bytes = 0  # of the lines held
 
     def add(self, activity_id, line):
-        self.last_no = number = next(self._numbers)
-        self._entries.append((number, activity_id, line))
+        self.last_no = number = self.last_no + 1
+        slot = number % self.size
+        old = self._slots[slot]
+        if old is not None:  # the ring is full: the oldest entry goes
+            del self._index[old[1]]
+            self.bytes -= len(old[2])
+            self.first_no = old[0] + 1
+        self._slots[slot] = (number, activity_id, line)
         self._index[activity_id] = number
         self.bytes += len(line)
-        if len(self._entries) > self.size:
-            _, old_id, old_line = self._entries.popleft()
-            del self._index[old_id]
-            self.bytes -= len(old_line)
 
     def __contains__(self, activity_id):
         return activity_id in self._index
 
     def __len__(self):
-        return len(self._entries)
+        return self.last_no - self.first_no + 1
+
+    def between(self, after, upto):
+        """Entries with numbers in (``after``, ``upto``], of those held, oldest first."""
+        low = max(after + 1, self.first_no)
+        high = min(upto, self.last_no)
+        if low > high:
+            return []
+        start, stop = low % self.size, high % self.size
+        if start <= stop:
+            return self._slots[start:stop + 1]
+        return self._slots[start:] + self._slots[:stop + 1]
 
     def after_number(self, number):
         """Entries added after history number ``number``."""
-        if not self._entries:
-            return []
-        start = max(0, number - self._entries[0][0] + 1)
-        return list(itertools.islice(self._entries, start, None))
+        return self.between(number, self.last_no)
 
     def number_of(self, activity_id):
         """The history number of ``activity_id``, or None if it is not (or no longer) cached."""
@@ -58,10 +71,10 @@ class History:
     def after_id(self, activity_id):
         """Entries after ``activity_id``, or all of them if it is not (or no longer) cached."""
         number = self._index.get(activity_id)
-        return self.after_number(number) if number is not None else list(self._entries)
+        return self.after_number(number if number is not None else 0)
 
     def last_id(self):
-        return self._entries[-1][1] if self._entries else None
+        return self._slots[self.last_no % self.size][1] if self.last_no else None
 
 
 class Seen:

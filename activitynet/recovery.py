@@ -48,6 +48,18 @@ The order holds whatever arrives when (a delayed TCP segment, a login during the
    something older after something newer, which its de-duplication by per-origin sequence
    number would drop for good.
 
+5. A peer that cannot de-duplicate (another implementation: it asks without ``marks``, or, dialled,
+   announces before asking, as the Java acceptor does) is sent what it lacks and no more: never
+   the activities it sent us (``PeerMemory.sent_by``), and, when it never asks, what arrived after
+   the last activity it held when its previous link broke (``PeerMemory.held_up_to``). An
+   acceptor answers such a request only once the announce after it says who dialled.
+
+The backlog (an answer, a catch-up, a replay) is streamed, not queued in one piece: a
+``CatchUp`` per link holds a cursor in the history, and the link's catch-up worker sends it a
+bounded chunk per lock hold (``State.catch_up``), outside the lock, waiting for the outbox to
+drain between chunks. The last chunk and ``live`` go in one hold, so every activity is sent by
+exactly one of the two, in history order: nothing missed, nothing twice, nothing overtaking.
+
 Without rule 2, an acceptor's load announce sent during the opening made the initiator go live
 on it and forward new activities before the acceptor's ACTIVITY_RETRIEVE asked for the backlog;
 the acceptor then dropped the whole backlog as already seen (issue 14).
@@ -78,8 +90,8 @@ class Link:
     """One server link's progress through the routine (see the module docstring)."""
 
     __slots__ = ("initiator", "peer_key", "start_no", "opened_at", "heard_at", "since", "asked",
-                 "live", "refused", "load", "hostname", "port", "activities_sent",
-                 "activities_received")
+                 "backlog", "live", "catch_up", "request", "foreign", "refused", "load", "hostname",
+                 "port", "activities_sent", "activities_received")
 
     def __init__(self, initiator, peer_key, start_no, now):
         self.initiator = initiator
@@ -89,7 +101,11 @@ class Link:
         self.heard_at = now  # monotonic: when the peer last sent an activity (or the link opened)
         self.since = time.time()  # wall clock, for people
         self.asked = False
-        self.live = False
+        self.backlog = False  # the peer's backlog was decided on (it is being, or was, sent)
+        self.live = False  # the backlog is out: activities are forwarded as they arrive
+        self.catch_up = None  # the CatchUp streaming the backlog, until the link is live
+        self.request = None  # the peer's ACTIVITY_RETRIEVE (after, marks)
+        self.foreign = False  # another implementation, by its behaviour: it cannot de-duplicate
         self.refused = False  # the peer refused our secret: do not redial it
         self.load = None  # the peer's last announced client load
         self.hostname = None
@@ -111,6 +127,8 @@ class Link:
             return "refused"
         if self.live:
             return "live" if self.asked else "answered"
+        if self.backlog:
+            return "catching-up"
         return "asked" if self.asked else "authenticated"
 
     @property
@@ -128,7 +146,8 @@ class Link:
     def peer_announced(self, load, hostname, port):
         """A SERVER_ANNOUNCE. The first on a link is the peer's routine announce (rule 3): the
         acceptor now knows who dialled and takes its turn, and a peer that has not asked is
-        caught up. Later ones only update the load."""
+        caught up (a peer we dialled that announces before asking is not one of ours: the Java
+        acceptor, rule 5). Later ones only update the load."""
         first = not self.announced
         self.load, self.hostname, self.port = load, hostname, port
         if self.peer_key is None:
@@ -136,21 +155,43 @@ class Link:
         if not first:
             return []
         steps = self._acceptor_turn()
-        if not self.live:
-            self.live = True
-            steps.append(Step.CATCH_UP)
+        if not self.backlog:
+            self.backlog = True
+            if self.request is not None:  # its request waited for who it is (rule 5)
+                steps.append(Step.ANSWER)
+            else:
+                self.foreign = self.foreign or self.initiator
+                steps.append(Step.CATCH_UP)
         return steps
 
-    def peer_asked(self):
-        """The peer's ACTIVITY_RETRIEVE: answer it, and forward live from then on."""
-        self.live = True
+    def peer_asked(self, after, marks):
+        """The peer's ACTIVITY_RETRIEVE: answer it, and forward live once the answer is out.
+
+        A request without ``marks`` comes from a peer that may not de-duplicate (another
+        implementation, or a fresh server of ours): it must not be sent back what it sent us,
+        and an acceptor learns who dialled only from the announce that follows, so the answer
+        waits for it (rule 5). A request while a backlog is under way brings nothing more (it
+        is the whole history, ``tick``, or an answer already); a request on a live link is
+        answered again, the link not live meanwhile, so the answer keeps history order."""
+        if marks is None:
+            self.foreign = True
+        if self.backlog and not self.live:
+            return ()
+        if self.live:
+            self.live = False
+            self.request = (after, marks)
+            return (Step.ANSWER,)
+        self.request = (after, marks)
+        if marks is None and not self.announced:
+            return ()
+        self.backlog = True
         return (Step.ANSWER,)
 
     def tick(self, now):
         """The heartbeat's clock. The peer neither asked for history nor announced itself, and
         sent no activity, for ``LIVE_AFTER`` seconds (or ``QUIET_LIMIT`` passed since the link
         came up): finish our half anyway, and send it the whole history, in order, then live
-        (rule 4).
+        (rule 4). A peer that asked but never announced who it is gets its answer.
 
         The peer may just be slow (busy, or its opening held up in the network) and ask later.
         Sending it only what arrived since the link came up would put those activities *before*
@@ -161,12 +202,17 @@ class Link:
         A peer still sending us activities is not quiet: our own acceptor's ACTIVITY_RETRIEVE
         comes right after its answer to ours, which can take seconds to read on a busy machine
         (20,000 activities); replaying the history to it meanwhile would only double the bytes."""
-        if self.live or self.refused:
+        if self.backlog or self.refused:
             return ()
         if now - self.heard_at < LIVE_AFTER and now - self.opened_at < QUIET_LIMIT:
             return ()
+        self.backlog = True
+        return (*self._acceptor_turn(), Step.ANSWER if self.request is not None else Step.REPLAY)
+
+    def caught_up(self):
+        """The last chunk of the backlog went out (in the same lock hold): forward live now."""
         self.live = True
-        return (*self._acceptor_turn(), Step.REPLAY)
+        self.catch_up = None
 
     def peer_sent_activity(self, now):
         """An ACTIVITY_BROADCAST from the peer: it is busy, not quiet (see ``tick``)."""
@@ -191,11 +237,16 @@ class Link:
 
 
 class PeerMemory:
-    """The last activity id received from each peer address, across links: what to ask after
-    when a link to that address comes up again (guarded by the state lock)."""
+    """What we know of each peer address across its links (guarded by the state lock): the last
+    activity id received from it (what to ask after when a link to it comes up again) and, for a
+    peer that cannot de-duplicate (rule 5), the ids it sent us and the history number up to which
+    it held everything when its last live link broke."""
 
-    def __init__(self):
+    def __init__(self, bound=100_000):
         self._last = {}  # peer_key -> activity id
+        self._held = {}  # peer_key -> history number
+        self._sent = {}  # peer_key -> {activity id: True}, oldest first, at most ``bound``
+        self._bound = bound
 
     def heard(self, peer_key, activity_id):
         self._last[peer_key] = activity_id
@@ -203,12 +254,79 @@ class PeerMemory:
     def last_from(self, peer_key):
         return self._last.get(peer_key, "") if peer_key else ""
 
+    def sent_us(self, peer_key, activity_id):
+        ids = self._sent.setdefault(peer_key, {})
+        ids[activity_id] = True
+        if len(ids) > self._bound:
+            del ids[next(iter(ids))]
 
-def missing_entries(history, after, marks):
-    """History entries a peer lacks, in history order.
+    def sent_by(self, peer_key):
+        """The ids ``peer_key`` sent us (a live view: test membership only)."""
+        return self._sent.get(peer_key, {})
+
+    def link_ended(self, peer_key, number):
+        """A live link to ``peer_key`` broke with history number ``number`` the newest: with
+        nothing in flight, the peer held every entry up to it."""
+        self._held[peer_key] = number
+
+    def held_up_to(self, peer_key):
+        return self._held.get(peer_key)
+
+
+# Bounds of one catch-up lock hold (see ``CatchUp.take``). A chunk that is not the last is only a
+# slice of references (microseconds); the last one is also filtered and joined under the lock.
+CHUNK = 5000
+LAST_CHUNK = 1000
+
+
+class CatchUp:
+    """A backlog being streamed to one link: the entries after history number ``cursor`` that
+    ``wanted`` keeps (all when None), in history order. Plain data; ``State`` calls ``take``
+    under the lock and ``lines`` outside it, except for the last chunk (module docstring)."""
+
+    __slots__ = ("cursor", "wanted", "kind")
+
+    def __init__(self, cursor, wanted=None, kind="replay"):
+        self.cursor = cursor
+        self.wanted = wanted  # entry -> bool; its inputs are fixed, so it may run outside the lock
+        self.kind = kind
+
+    def start(self, history):
+        """Where it begins (under the lock): entries evicted before the start are simply gone."""
+        self.cursor = max(self.cursor, history.first_no - 1)
+        return self
+
+    def take(self, history, chunk=CHUNK, last_chunk=LAST_CHUNK):
+        """The next entries (under the lock): (entries, whether they are the last, how many were
+        evicted unsent since the previous take). The last chunk is at most ``last_chunk``
+        entries: whatever the history size, and whatever arrives meanwhile, a hold is bounded."""
+        evicted = max(0, history.first_no - 1 - self.cursor)
+        self.cursor += evicted
+        last = history.last_no - self.cursor <= last_chunk
+        end = history.last_no if last else min(history.last_no, self.cursor + chunk)
+        entries = history.between(self.cursor, end)
+        self.cursor = end
+        return entries, last, evicted
+
+    def lines(self, entries):
+        wanted = self.wanted
+        if wanted is None:
+            return [entry[2] for entry in entries]
+        return [entry[2] for entry in entries if wanted(entry)]
+
+
+def not_sent_by(ids):
+    """The ``wanted`` of a catch-up that leaves out ``ids`` (what the peer sent us), or None."""
+    return (lambda entry: entry[1] not in ids) if ids else None
+
+
+def answer(history, after, marks, sent_by=None):
+    """The ``CatchUp`` answering an ACTIVITY_RETRIEVE: the history entries a peer lacks, in
+    history order (under the lock: O(1); the entries are judged chunk by chunk).
 
     A peer that sends no ``marks`` (another implementation, or one holding none of our ids) gets
-    the entries after ``after``, or all of them if that id is unknown. A peer that sends marks
+    the entries after ``after``, or all of them if that id is unknown, less ``sent_by`` (the ids
+    it sent us: it may not de-duplicate them). A peer that sends marks
     gets each of our ids above its mark for that id's origin, wherever the id sits in our history,
     and of the foreign ids only those after ``after``. The position of ``after`` is no proof of
     what the peer holds: it is the last id the peer received from our *address*, and if we are a
@@ -216,19 +334,25 @@ def missing_entries(history, after, marks):
     ago) our history is in another order than what the peer was sent, so entries before it can
     be ones the peer never saw. Marks are exact, and they keep what we send per origin gap-free,
     which the peer's de-duplication by per-origin sequence number relies on."""
-    if not marks:
-        return history.after_id(after or None)
     after_no = history.number_of(after) if after else None
+    if not marks:
+        return CatchUp(after_no or 0, not_sent_by(sent_by), "answer").start(history)
     start = 0 if after_no is None else after_no + 1  # foreign ids from here on are sent
-    missing = []
-    split_id = protocol.split_id
-    for entry in history.after_id(None):
+    split_id, parse_id = protocol.split_id, protocol.parse_id
+
+    def wanted(entry):
         activity_id = entry[1]
         origin, seq = split_id(activity_id)
         mark = marks.get(origin)
         if mark is not None:  # one of ours, from an origin the peer holds some of
-            if not (seq.isdigit() and int(seq) <= mark):
-                missing.append(entry)
-        elif entry[0] >= start or protocol.parse_id(activity_id) is not None:
-            missing.append(entry)
-    return missing
+            return not (seq.isdigit() and int(seq) <= mark)
+        return entry[0] >= start or parse_id(activity_id) is not None
+
+    return CatchUp(0, wanted, "answer").start(history)
+
+
+def missing_entries(history, after, marks, sent_by=None):
+    """The entries ``answer`` sends, all at once (for tests and small histories)."""
+    catch_up = answer(history, after, marks, sent_by)
+    entries = history.after_number(catch_up.cursor)
+    return entries if catch_up.wanted is None else [e for e in entries if catch_up.wanted(e)]

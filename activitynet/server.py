@@ -226,7 +226,7 @@ class Server:
         self.listener.listen(LISTEN_BACKLOG)
         self.port = self.listener.getsockname()[1]
         self.state = State(settings.local_host, self.port, history_size=settings.history,
-                           counters=self.counters)
+                           counters=self.counters, catch_up_runner=self._start_catch_up)
         self.tls_server = self.tls_client = None
         if settings.tls_cert:
             try:
@@ -255,6 +255,7 @@ class Server:
         self._departures = itertools.count()  # accepted connections ended (next() is atomic)
         self._conns_lock = threading.Lock()  # guards _conns
         self._conns = {}  # open Connection -> the thread serving it
+        self._catch_ups = set()  # the catch-up threads running (guarded by _conns_lock)
         self._arrivals = queue.SimpleQueue()  # accepted, waiting for their thread; None: stop
         self._threads = [Heartbeat(self.state, self.stopping), _Thread(self._spawn, "spawner")]
         if settings.remote_host:
@@ -556,6 +557,26 @@ class Server:
                     return None, index + 1, wait
         return None, len(lines), 0.0
 
+    def _start_catch_up(self, session):
+        """A link's backlog is streamed by a thread of its own (``State.catch_up``): it waits
+        for the outbox to drain between chunks, which neither the link's reader (the peer's
+        messages must keep being read) nor the heartbeat (every link's clock) may do."""
+        thread = threading.Thread(target=self._catch_up, args=(session,), name=f"catch-up-{session.address}",
+                                  daemon=True)
+        with self._conns_lock:
+            self._catch_ups.add(thread)
+        thread.start()
+
+    def _catch_up(self, session):
+        try:
+            self.state.catch_up(session)
+        except Exception:
+            log.exception("catching up %s failed; closing it", session.address, extra={"conn": session.address})
+            session.outbox.close("internal error")
+        finally:
+            with self._conns_lock:
+                self._catch_ups.discard(threading.current_thread())
+
     def _trust_as_server(self, session):
         """Give an authenticated server link the larger limits servers are trusted with."""
         session.outbox.max_line = self.settings.server_max_line
@@ -587,6 +608,7 @@ class Server:
         deadline = time.monotonic() + self.JOIN_TIMEOUT
         with self._conns_lock:
             threads = [thread for thread in self._conns.values() if thread is not None]
+            threads += self._catch_ups
         for worker in [*self._threads, *threads]:
             if worker is not threading.current_thread():
                 worker.join(max(0.0, deadline - time.monotonic()))

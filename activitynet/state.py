@@ -24,6 +24,7 @@ added when its session closes (``traffic`` sums both).
 
 import collections
 import itertools
+import logging
 import threading
 import time
 
@@ -36,18 +37,27 @@ from .recovery import Step
 from .session import CLIENT, SERVER, Session
 from .users import Users
 
+log = logging.getLogger(__name__)
+
 ANONYMOUS = "anonymous"
 # Servers' clocks may differ by about this much (seconds). An activity is delivered to the clients
 # that were logged in when it was sent, give or take this slack: a client logging in to a server
 # that is being refilled after a restart, a late join or a partition is not sent old history.
 CLOCK_SLACK = 5.0
+# A link's catch-up worker waits between chunks until its outbox holds less than this: a slow
+# peer does not pull the whole history into memory (and stays far below the slow-consumer limit).
+CATCH_UP_LOW_WATER = 1024 * 1024
+CATCH_UP_POLL = 0.002  # seconds between looks at a full outbox
 
 
 class State:
     """Sessions, clients, links, users and history of one server; see the module docstring."""
 
     def __init__(self, hostname, port, history_size=100_000, origin=None, clock_slack=CLOCK_SLACK,
-                 users=None, history=None, outgoing=None, lock=None, counters=None):
+                 users=None, history=None, outgoing=None, lock=None, counters=None, catch_up_runner=None):
+        """``catch_up_runner(session)`` starts a link's catch-up worker, which calls
+        ``catch_up(session)`` (the server starts a thread); without one a backlog is sent at
+        once, in the lock hold that decides it (unit tests on plain data)."""
         self.outgoing = outgoing or Outgoing()
         self._locked = self.outgoing.holding(lock or threading.RLock())  # see the module doc
         self.clock_slack = clock_slack
@@ -62,7 +72,8 @@ class State:
         self._users = Users() if users is None else users
         self._history = History(history_size) if history is None else history
         self._seen = Seen(max(4 * history_size, 10_000))
-        self._peers = recovery.PeerMemory()
+        self._peers = recovery.PeerMemory(max(history_size, 10_000))
+        self._catch_up_runner = catch_up_runner
         self._sessions = {}  # every open session (dict as ordered set)
         self._clients = {}  # logged-in client sessions, in login order
         self._names = collections.Counter()  # username -> its logged-in sessions (for the monitor)
@@ -92,7 +103,9 @@ class State:
                 if not self._names[session.username]:
                     del self._names[session.username]
                 self._announce_load()
-            self._links.pop(session, None)
+            link = self._links.pop(session, None)
+            if link is not None and link.live and link.peer_key is not None:
+                self._peers.link_ended(link.peer_key, self._history.last_no)
 
     # --- clients ---------------------------------------------------------------------------
 
@@ -191,7 +204,7 @@ class State:
         with self._locked:
             link = self._links.get(session)
             if link is not None:
-                self._take(session, link.peer_asked(), request=(after, marks))
+                self._take(session, link.peer_asked(after, marks))
 
     def peer_refused(self, session):
         """The peer we dialled refused our secret."""
@@ -221,6 +234,8 @@ class State:
                 link.peer_sent_activity(time.monotonic())
                 if link.peer_key is not None:
                     self._peers.heard(link.peer_key, activity_id)
+                    if link.foreign:  # it cannot de-duplicate: never send it back (recovery rule 5)
+                        self._peers.sent_us(link.peer_key, activity_id)
             parsed = protocol.parse_id(activity_id)
             if (parsed is None and activity_id in self._history) or not self._seen.first_sighting(activity_id, parsed):
                 self.counters.activities_deduplicated += 1
@@ -343,7 +358,7 @@ class State:
         self._links[session] = link
         return link
 
-    def _take(self, session, steps, secret=None, request=None):
+    def _take(self, session, steps, secret=None):
         """Send what ``steps`` (from the link's machine) say, in order."""
         link = session.link
         for step in steps:
@@ -358,16 +373,83 @@ class State:
             elif step is Step.ANNOUNCE:
                 session.send(encode(self._announce_message()))
             else:
-                if step is Step.ANSWER:
-                    entries = recovery.missing_entries(self._history, *request)
-                elif step is Step.CATCH_UP:
-                    entries = self._history.after_number(link.start_no)
-                else:  # Step.REPLAY
-                    entries = self._history.after_number(0)
-                for _number, _id, line in entries:
-                    session.send(line)
-                link.activities_sent += len(entries)
-                self.counters.activities_relayed += len(entries)
+                link.catch_up = self._backlog(step, link)
+                if self._catch_up_runner is None:
+                    self._catch_up_at_once(session)
+                else:
+                    self._catch_up_runner(session)
+
+    def _backlog(self, step, link):
+        """The ``recovery.CatchUp`` of a backlog step (decided here, under the lock)."""
+        sent_by = self._peers.sent_by(link.peer_key) if link.foreign else None
+        if step is Step.ANSWER:
+            return recovery.answer(self._history, *link.request, sent_by=sent_by)
+        if step is Step.CATCH_UP:  # a peer that never asks: after what it held, or since the link
+            held = self._peers.held_up_to(link.peer_key) if link.foreign else None
+            start = link.start_no if held is None else held
+            return recovery.CatchUp(start, recovery.not_sent_by(sent_by), "catch up").start(self._history)
+        return recovery.CatchUp(0).start(self._history)  # Step.REPLAY
+
+    # --- the catch-up (recovery.CatchUp), chunk by chunk --------------------------------------
+
+    def catch_up(self, session):
+        """The catch-up worker of one link (its own thread): stream the link's backlog, a bounded
+        chunk per lock hold, the rest outside the lock, waiting for the outbox to drain between
+        chunks; the last chunk and going live share one hold. Returns when the link is live or
+        gone. Only this thread sends a non-live link activities, so their order is kept."""
+        outbox = session.outbox
+        sent = 0
+        while True:
+            with self._locked:
+                done, chunk, evicted = self._catch_up_step(session, sent)
+                catch_up = session.link.catch_up if session.link is not None else None
+            if evicted:
+                log.warning("%d activities were evicted from the history while %s was caught up; "
+                            "it does not get them", evicted, session.address, extra={"conn": session.address})
+            if done:
+                return
+            lines = catch_up.lines(chunk)
+            if lines:
+                outbox.send(b"".join(lines))  # not in a section: written (or queued) at once
+            sent = len(lines)
+            while outbox.queued_bytes() > CATCH_UP_LOW_WATER and not getattr(outbox, "closed", False):
+                time.sleep(CATCH_UP_POLL)
+
+    def _catch_up_at_once(self, session):
+        """Without a worker: every chunk now, in this hold."""
+        sent = 0
+        while True:
+            done, chunk, _evicted = self._catch_up_step(session, sent)
+            if done:
+                return
+            lines = session.link.catch_up.lines(chunk)
+            if lines:
+                session.outbox.send(b"".join(lines))
+            sent = len(lines)
+
+    def _catch_up_step(self, session, sent):
+        """One lock hold of a catch-up (lock held): count what the worker ``sent`` since the last
+        one, take the next chunk; the last one is sent here and the link goes live. Returns
+        (done, entries for the worker to send, how many were evicted unsent)."""
+        link = self._links.get(session)
+        if link is None or link.catch_up is None:
+            return True, None, 0
+        self._count_sent(session, link, sent)
+        catch_up = link.catch_up
+        entries, last, evicted = catch_up.take(self._history)
+        if not last:
+            return False, entries, evicted
+        lines = catch_up.lines(entries)
+        if lines:
+            session.outbox.send(b"".join(lines))
+        self._count_sent(session, link, len(lines))
+        link.caught_up()
+        return True, None, evicted
+
+    def _count_sent(self, session, link, count):
+        session.messages_out += count
+        link.activities_sent += count
+        self.counters.activities_relayed += count
 
     def _learn_user(self, session, username, secret):
         if self._users.is_blocked(username):

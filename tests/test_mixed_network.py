@@ -24,7 +24,6 @@ from javapeer import JavaPeer, java_id
 from recorder import log_in_here, sequences
 
 LONG = 60.0
-ISSUE_13 = pytest.mark.xfail(strict=True, reason="issue 13 item 4")
 
 
 @pytest.fixture
@@ -185,7 +184,6 @@ def cut_and_heal(java, ours, ours_server, relay):
     return {sender: list(range(24)) for sender in ("java", "ours")}
 
 
-@ISSUE_13
 def test_our_dialler_and_a_java_acceptor_heal_exactly_once(java, make_server, make_relay, recorders):
     """We dial the Java server; it never asks for what it missed: we must push it."""
     relay = make_relay(java.port)
@@ -222,7 +220,6 @@ def test_a_quiet_mixed_link_stays_up_on_heartbeats(java, make_server):
     assert java.closed == [] and java.unknown == []
 
 
-@ISSUE_13
 def test_a_java_dialler_whose_history_is_in_another_order_gets_nothing_twice(java, make_server, make_relay,
                                                                              recorders):
     """Histories need not be in the same order on both sides: the Java side sends J0 over a slow
