@@ -179,7 +179,9 @@ def test_restarted_server_gets_from_a_peers_disk_what_left_its_memory(make_proce
     mark = restart(b)
     wait_log(b, rf"connected to server 127\.0\.0\.1:{a.port}", since=mark)
     wait_until(lambda: stored_activities(dir_b) >= 305, LONG, message="B to store all 305")
-    assert a.find_log(r"sent \S+ 270 activities from disk")  # what A's memory no longer held
+    # what A's memory no longer held (6..275), and half of what it holds (276..290: the disk range
+    # reaches half-way into memory, see recovery.CatchUp.on_disk)
+    assert a.find_log(r"sent \S+ 285 activities from disk")
     send(sender, "later", 3)
     wait_until(lambda: stored_activities(dir_b) >= 308, LONG, message="B to store the later ones")
     b.stop()
@@ -429,7 +431,7 @@ def test_answer_from_disk_then_memory_also_what_memory_evicted_meanwhile(tmp_pat
         state.catch_up(workers.pop())
         assert asking.link.live
         state.server_activity(source, {"seq": 116}, own(116))
-        assert passes == [(1, 91), (91, 106)]
+        assert passes == [(1, 96), (96, 111)]  # each reaches half-way into memory (on_disk)
         assert asking.outbox.ids == [own(seq) for seq in range(6, 117)]
 
         # A peer without marks (another implementation): after an id only the disk still holds
