@@ -575,6 +575,7 @@ class State:
                     outbox.send(b"".join(lines))  # not in a section: written (or queued) at once
                 sent = len(lines)
                 self._drain(outbox)
+                time.sleep(0)  # let threads waiting for the GIL in: a client's round trip
 
     def _catch_up_at_once(self, session):
         """Without a worker: every chunk now, in this hold (unit tests on plain data)."""

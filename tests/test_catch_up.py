@@ -207,7 +207,7 @@ def test_the_worker_waits_for_the_outbox_to_drain_between_chunks():
     state = threaded.state
     client = state.open_session(FakeOutbox(), "client")
     state.login(client, "anonymous", None)
-    body = {"pad": "x" * 400}  # ~500 bytes a line: one chunk of 5,000 is over the low water
+    body = {"pad": "x" * (CATCH_UP_LOW_WATER // recovery.CHUNK)}  # one chunk is over the low water
     for _ in range(3 * recovery.CHUNK):
         state.client_activity(client, "anonymous", None, body)
     peer = state.open_session(FullOutbox(), "peer")
@@ -229,7 +229,7 @@ def test_a_link_closed_during_its_catch_up_stops_the_worker():
     client = state.open_session(FakeOutbox(), "client")
     state.login(client, "anonymous", None)
     for _ in range(3 * recovery.CHUNK):
-        state.client_activity(client, "anonymous", None, {"pad": "x" * 400})
+        state.client_activity(client, "anonymous", None, {"pad": "x" * (CATCH_UP_LOW_WATER // recovery.CHUNK)})
     peer = state.open_session(FullOutbox(), "peer")
     state.accept_link(peer)
     state.peer_asked(peer, "", {ORIGIN: 0})
