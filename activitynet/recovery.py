@@ -49,10 +49,11 @@ The order holds whatever arrives when (a delayed TCP segment, a login during the
    number would drop for good.
 
 5. A peer that cannot de-duplicate (another implementation: it asks without ``marks`` nor
-   ``lineage``, or, dialled, announces before asking, as the Java acceptor does) is sent what it lacks and no more: never
-   the activities it sent us (``PeerMemory.sent_by``), and, when it never asks, what arrived after
-   the last activity it held when its previous link broke (``PeerMemory.held_up_to``). An
-   acceptor answers such a request only once the announce after it says who dialled.
+   ``lineage``, or, dialled, announces before asking, as the Java acceptor does) is sent what it
+   lacks and no more: never the activities it sent us (``PeerMemory.sent_by``), and, when it never
+   asks, what arrived after the last activity it held when its previous link broke
+   (``PeerMemory.held_up_to``). An acceptor answers such a request only once the announce after
+   it says who dialled.
 
 The backlog (an answer, a catch-up, a replay) is streamed, not queued in one piece: a
 ``CatchUp`` per link holds a cursor in the history, and the link's catch-up worker sends it a

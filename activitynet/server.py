@@ -105,8 +105,8 @@ THREAD_STACK = 256 * 1024  # thousands of reader threads; our call depth is shal
 # threads block on I/O long before any interval ends, so steady-state latency is unchanged
 # (see BENCHMARKS.rst).
 SWITCH_INTERVAL = 0.1
-# Authenticated servers are trusted with bigger lines and outboxes: a SYNC_USER or the answer to
-# an ACTIVITY_RETRIEVE (up to the whole history) is queued at once.
+# Authenticated servers are trusted with bigger lines and outboxes: a SYNC_USER is queued at once
+# (a link's backlog is streamed with backpressure: ``State.catch_up``).
 SERVER_MAX_LINE = 64 * 1024 * 1024
 SERVER_MAX_OUTBOX = 1024 * 1024 * 1024
 # A reader thread holds the state lock for this many lines of a batch at most (about 0.2 ms of
