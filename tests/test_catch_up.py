@@ -129,9 +129,9 @@ def test_a_dialler_of_ours_asking_without_marks_is_answered_at_once_and_not_take
 class ThreadedState:
     """A State whose catch-ups run on threads, as in a server."""
 
-    def __init__(self, history_size=300_000):
+    def __init__(self, history_size=300_000, store=None):
         self.threads = []
-        self.state = State("127.0.0.1", 4000, history_size=history_size, origin=ORIGIN,
+        self.state = State("127.0.0.1", 4000, history_size=history_size, origin=ORIGIN, store=store,
                            catch_up_runner=self.run)
 
     def run(self, session):
@@ -365,10 +365,9 @@ def test_a_worker_racing_new_activities_with_a_small_memory_reads_the_rest_from_
     """Memory holds 500 of 20,000 and a stream keeps evicting while the peer is caught up: what
     memory lost before the worker reached it comes from disk, in its place; each once, in order,
     then live."""
-    threaded = ThreadedState.__new__(ThreadedState)
-    threaded.threads = []
-    store, state = stored_state(tmp_path, threaded.run, history_size=500)
-    threaded.state = state
+    store = Store.open(str(tmp_path / "data"))
+    threaded = ThreadedState(history_size=500, store=store)
+    state = threaded.state
     try:
         client = state.open_session(FakeOutbox(), "client")
         state.login(client, "anonymous", None)
