@@ -105,8 +105,8 @@ THREAD_STACK = 256 * 1024  # thousands of reader threads; our call depth is shal
 # threads block on I/O long before any interval ends, so steady-state latency is unchanged
 # (see BENCHMARKS.rst).
 SWITCH_INTERVAL = 0.1
-# Authenticated servers are trusted with bigger lines and outboxes: a SYNC_USER or the answer to
-# an ACTIVITY_RETRIEVE (up to the whole history) is queued at once.
+# Authenticated servers are trusted with bigger lines and outboxes: a SYNC_USER is queued at once
+# (a link's backlog is streamed with backpressure: ``State.catch_up``).
 SERVER_MAX_LINE = 64 * 1024 * 1024
 SERVER_MAX_OUTBOX = 1024 * 1024 * 1024
 # A reader thread holds the state lock for this many lines of a batch at most (about 0.2 ms of
@@ -252,6 +252,7 @@ class Server:
         self._departures = itertools.count()  # accepted connections ended (next() is atomic)
         self._conns_lock = threading.Lock()  # guards _conns
         self._conns = {}  # open Connection -> the thread serving it
+        self._catch_ups = set()  # the links' catch-up threads running (guarded by _conns_lock)
         self._arrivals = queue.SimpleQueue()  # accepted, waiting for their thread; None: stop
         self._threads = [Heartbeat(self.state, self.stopping), _Thread(self._spawn, "spawner"),
                          Dialer(self.state, self.stopping, self.serve_link)]
@@ -271,7 +272,7 @@ class Server:
         joins = ([(settings.remote_host, settings.remote_port)] if settings.remote_host else []) + settings.joins
         try:
             self.state = State(settings.local_host, self.port, history_size=settings.history,
-                               counters=self.counters, store=self.store,
+                               counters=self.counters, store=self.store, catch_up_runner=self._start_catch_up,
                                joins=[f"{host}:{port}" for host, port in joins], grace=settings.grace)
         except BaseException:
             self.listener.close()
@@ -633,6 +634,27 @@ class Server:
             return _ending_for(exc)
         return None
 
+    def _start_catch_up(self, session):
+        """A link's backlog is streamed by a thread of its own (``State.catch_up``): it reads
+        the disk and waits for the outbox to drain between chunks, which neither the link's
+        reader (the peer's messages must keep being read: two servers waiting on each other's
+        drain would deadlock) nor the heartbeat (every link's clock) may do."""
+        thread = threading.Thread(target=self._catch_up, args=(session,), name=f"catch-up-{session.address}",
+                                  daemon=True)
+        with self._conns_lock:
+            self._catch_ups.add(thread)
+        thread.start()
+
+    def _catch_up(self, session):
+        try:
+            self.state.catch_up(session)
+        except Exception:
+            log.exception("catching up %s failed; closing it", session.address, extra={"conn": session.address})
+            session.outbox.close("internal error")
+        finally:
+            with self._conns_lock:
+                self._catch_ups.discard(threading.current_thread())
+
     def _trust_as_server(self, session):
         """Give an authenticated server link the larger limits servers are trusted with."""
         session.outbox.max_line = self.settings.server_max_line
@@ -664,6 +686,7 @@ class Server:
         deadline = time.monotonic() + self.JOIN_TIMEOUT
         with self._conns_lock:
             threads = [thread for thread in self._conns.values() if thread is not None]
+            threads += self._catch_ups
         for worker in [*self._threads, *threads]:
             if worker is not threading.current_thread():
                 worker.join(max(0.0, deadline - time.monotonic()))

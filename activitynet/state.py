@@ -48,10 +48,10 @@ ANONYMOUS = "anonymous"
 # that were logged in when it was sent, give or take this slack: a client logging in to a server
 # that is being refilled after a restart, a late join or a partition is not sent old history.
 CLOCK_SLACK = 5.0
-# With a data store, a peer's ACTIVITY_RETRIEVE is answered from disk for what memory no longer
-# holds, outside the lock; memory may evict more meanwhile, read from disk in another pass. After
-# this many passes (a stream far faster than the disk reads) the answer goes on from memory.
-DISK_PASSES = 5
+# A link's catch-up worker waits between chunks until its outbox holds less than this: a slow
+# peer does not pull the whole history into memory (and stays far below the slow-consumer limit).
+CATCH_UP_LOW_WATER = 1024 * 1024
+CATCH_UP_POLL = 0.002  # seconds between looks at a full outbox
 # A registration's reply waits at most this long for its commit (see ``send_held``).
 COMMIT_WAIT = 30.0
 
@@ -61,10 +61,12 @@ class State:
 
     def __init__(self, hostname, port, history_size=100_000, origin=None, clock_slack=CLOCK_SLACK,
                  users=None, history=None, outgoing=None, lock=None, counters=None, store=None,
-                 joins=(), grace=netmap.GRACE):
+                 joins=(), grace=netmap.GRACE, catch_up_runner=None):
         """``store``: a ``store.Store`` (``--data-dir``) to start from and record into; without
         one everything is in memory and a new server starts empty. ``joins``, ``grace``: see
-        the network map below."""
+        the network map below. ``catch_up_runner(session)`` starts a link's catch-up worker,
+        which calls ``catch_up(session)`` (the server starts a thread); without one a backlog is
+        sent at once, in the lock hold that decides it (unit tests on plain data)."""
         self.outgoing = outgoing or Outgoing()
         self._locked = self.outgoing.holding(lock or threading.RLock())  # see the module doc
         self.clock_slack = clock_slack
@@ -92,9 +94,9 @@ class State:
         self._parent = None  # the session of the link to our parent: we dialled it, it accepted
         self._dial_alone = False  # our pending dial says alone: refuse every diallers meanwhile
         self._map_gen = 0  # bumped when the map changes; a link is sent the map when behind
-        self._peers = recovery.PeerMemory()
+        self._peers = recovery.PeerMemory(max(history_size, 10_000))
         self._store = store
-        self._answering = set()  # link sessions being answered from disk (not live yet)
+        self._catch_up_runner = catch_up_runner
         if store is not None:
             self._restore(store, history_size)
         self._sessions = {}  # every open session (dict as ordered set)
@@ -135,6 +137,8 @@ class State:
                 self._announce_load()
             link = self._links.pop(session, None)
             if link is not None:
+                if link.live and link.peer_key is not None:  # what it held (recovery rule 5)
+                    self._peers.link_ended(link.peer_key, self._history.last_no)
                 if session is self._parent:  # an orphan root now; its subtree hears it at once
                     self._parent = None
                     self.seeker.parent_lost(self.lineage, time.monotonic(), link.peer_key)
@@ -295,58 +299,27 @@ class State:
             return first
 
     def peer_asked(self, session, after, marks, held=None, lineage=None, alone=False):
-        """A neighbour's ACTIVITY_RETRIEVE: everything before this goes into the answer,
-        everything after is forwarded live, so nothing is missed and nothing overtakes.
-        A dialler that sends its ``lineage`` is one of ours re-attaching: the rule
-        (``netmap.accepts``) decides here, under the lock, before anything is answered, whether it
-        may hang below us.
+        """A neighbour's ACTIVITY_RETRIEVE: what it lacks is streamed to it by the link's
+        catch-up worker (``catch_up``), and live forwarding starts in the hold that sends the
+        last of it, so nothing is missed and nothing overtakes. A dialler that sends its
+        ``lineage`` is one of ours re-attaching: the rule (``netmap.accepts``) decides here,
+        under the lock, before anything is answered, whether it may hang below us.
 
-        With a data store, what the peer lacks beyond the in-memory history is sent first, read
-        from disk outside the lock (``_send_stored``), positions below the oldest in memory; the
-        link stays out of live forwarding (and ``tick``'s replay) meanwhile. If memory evicted
-        more in the meantime, that range is read from disk too, before the memory part."""
-        if lineage is not None:
-            with self._locked:
-                link = self._links.get(session)
-                if link is not None and not link.initiator:
-                    refusal = netmap.accepts(self.lineage, lineage, alone)
-                    if refusal is None and self._dial_alone:
-                        refusal = netmap.Refusal(netmap.REFUSED_BUSY, f"{self.me} is dialling alone")
-                    if refusal is not None:
-                        raise Refused(refusal)
-                    link.peer_key = lineage.address()
-                    self._map_update()
-        stored_below = 1  # positions below this were sent from disk
-        after_position = None
-        use_disk = self._store is not None
-        for attempt in range(DISK_PASSES + 1):
-            with self._locked:
-                link = self._links.get(session)
-                if link is None:
-                    self._answering.discard(session)
-                    return
-                first = self._history.first_no
-                if not use_disk or first <= stored_below or attempt == DISK_PASSES:
-                    if use_disk and first > stored_below:
-                        log.warning("answering %s from memory after %d passes over the disk: "
-                                    "positions %d to %d may be missing", session.address,
-                                    DISK_PASSES, stored_below, first - 1)
-                    self._answering.discard(session)
-                    self._take(session, link.peer_asked(), request=(after, marks, held))
-                    return
-                self._answering.add(session)
-                if attempt == 0:
-                    after_position = self._history.number_of(after) if after else None
-            if attempt == 0:
-                if after and after_position is None:
-                    after_position = self._stored_position(after)
-                if not marks and after_position is None:  # all of memory, as without a store
-                    use_disk = False
-                    continue
-                if after_position is None:  # foreign ids: only those memory would send
-                    after_position = first - 1
-            self._send_stored(session, marks, after_position, stored_below, first)
-            stored_below = first
+        With a data store, what the peer lacks beyond the in-memory history is read from disk
+        by the worker, outside the lock, and sent first (see ``catch_up``)."""
+        with self._locked:
+            link = self._links.get(session)
+            if link is None:
+                return
+            if lineage is not None and not link.initiator:
+                refusal = netmap.accepts(self.lineage, lineage, alone)
+                if refusal is None and self._dial_alone:
+                    refusal = netmap.Refusal(netmap.REFUSED_BUSY, f"{self.me} is dialling alone")
+                if refusal is not None:
+                    raise Refused(refusal)
+                link.peer_key = lineage.address()
+                self._map_update()
+            self._take(session, link.peer_asked(after, marks, held, ours=lineage is not None))
 
     def peer_refused(self, session):
         """The peer we dialled refused our secret."""
@@ -369,8 +342,7 @@ class State:
                     silent.append(session.outbox)
                     continue
                 session.outbox.send(protocol.HEARTBEAT)
-                if session not in self._answering:
-                    self._take(session, link.tick(now))
+                self._take(session, link.tick(now))
         return silent
 
     def server_activity(self, session, activity, activity_id, received=None):
@@ -384,6 +356,8 @@ class State:
                 link.peer_sent_activity(time.monotonic())
                 if link.peer_key is not None:
                     self._peers.heard(link.peer_key, activity_id)  # the store shares its dict
+                    if link.foreign:  # it cannot de-duplicate: never send it back (recovery rule 5)
+                        self._peers.sent_us(link.peer_key, activity_id)
             parsed = protocol.parse_id(activity_id)
             if parsed is None and activity_id in self._history:
                 self.counters.activities_deduplicated += 1
@@ -523,43 +497,6 @@ class State:
             self._peers.heard(peer_key, activity_id)
         store.share_peer_marks(self._peers.marks)
 
-    def _stored_position(self, activity_id):
-        """The stored position of ``activity_id`` (outside the lock), or None."""
-        try:
-            return self._store.position_of(activity_id)
-        except (StoreError, sqlite3.Error) as exc:
-            log.error("data store: cannot look up %s for recovery: %s", activity_id, exc)
-            return None
-
-    def _send_stored(self, session, marks, after_position, start, below):
-        """Queue on ``session``, outside the lock, the stored activities the peer lacks with
-        positions in [start, below) (``store.Store.missing``'s rule), in order. Those were
-        evicted from memory but may still wait for the writer: flush first. A failing store is
-        logged; the answer then goes on from memory."""
-        sent = 0
-        began = time.perf_counter()
-        # Each chunk goes out at once (no lock is held), so the peer works on one while the next
-        # is read, rather than after the whole answer at the end of this thread's section.
-        flush = getattr(session.outbox, "flush", None)
-        try:
-            self._store.flush(COMMIT_WAIT)
-            for chunk in self._store.missing(marks, after_position, below, start):
-                for _position, _id, line in chunk:
-                    session.outbox.send(line)
-                sent += len(chunk)
-                if flush is not None:
-                    flush()
-        except (StoreError, sqlite3.Error) as exc:
-            log.error("data store: cannot read activities for %s from disk (%s); it gets what "
-                      "memory holds", session.address, exc)
-        if sent:
-            log.info("sent %s %d activities from disk (positions %d to %d) in %.3f s",
-                     session.address, sent, start, below - 1, time.perf_counter() - began)
-            with self._locked:
-                session.messages_out += sent
-                if session.link is not None:
-                    session.link.activities_sent += sent
-
     # --- internals (call with the lock held) -----------------------------------------------
 
     def _new_link(self, session, link):
@@ -569,7 +506,7 @@ class State:
         self._links[session] = link
         return link
 
-    def _take(self, session, steps, secret=None, request=None):
+    def _take(self, session, steps, secret=None):
         """Send what ``steps`` (from the link's machine) say, in order."""
         link = session.link
         for step in steps:
@@ -585,17 +522,157 @@ class State:
                     lineage, link.initiator and self._dial_alone)))
             elif step is Step.ANNOUNCE:
                 session.send(encode(self._announce_message(link)))
+            else:  # the backlog: streamed by the link's catch-up worker
+                running = link.catch_up is not None  # a worker streams it: it takes the new one
+                link.catch_up = self._backlog(step, link)
+                if running:
+                    pass
+                elif self._catch_up_runner is None:
+                    self._catch_up_at_once(session)
+                else:
+                    self._catch_up_runner(session)
+
+    def _backlog(self, step, link):
+        """The ``recovery.CatchUp`` of a backlog step (decided here, under the lock)."""
+        disk = self._store is not None and self._catch_up_runner is not None  # read by the worker
+        sent_by = self._peers.sent_by(link.peer_key) if link.foreign else None
+        if step is Step.ANSWER:
+            after, marks, held = link.request
+            return recovery.answer(self._history, after, marks, held, sent_by, disk)
+        if step is Step.CATCH_UP:  # a peer that never asks: after what it held, or since the link
+            held = self._peers.held_up_to(link.peer_key) if link.foreign else None
+            start = link.start_no if held is None else held
+            return recovery.CatchUp(start, recovery.not_sent_by(sent_by), "catch up").start(self._history, disk)
+        return recovery.CatchUp(0).start(self._history)  # Step.REPLAY: what memory holds
+
+    # --- the catch-up (recovery.CatchUp), chunk by chunk --------------------------------------
+
+    def catch_up(self, session):
+        """The catch-up worker of one link (its own thread): stream the link's backlog, a bounded
+        chunk per lock hold, the rest outside the lock, waiting for the outbox to drain between
+        chunks; the last chunk and going live share one hold. With a data store, what memory
+        no longer holds is read from disk here, outside the lock, before the memory part.
+        Returns when the link is live or gone. Only this thread sends a non-live link
+        activities, so their order is kept."""
+        outbox = session.outbox
+        sent = 0
+        while True:
+            with self._locked:
+                work, catch_up, evicted = self._catch_up_step(session, sent)
+            sent = 0
+            if evicted:
+                log.warning("%d activities were evicted from the history while %s was caught up; "
+                            "it does not get them", evicted, session.address, extra={"conn": session.address})
+            if work is None or getattr(outbox, "closed", False):
+                return
+            if work == "lookup":
+                self._look_up(session, catch_up)
+            elif work[0] == "disk":
+                sent = self._send_stored(session, catch_up, *work[1:])
             else:
-                if step is Step.ANSWER:
-                    entries = recovery.missing_entries(self._history, *request)
-                elif step is Step.CATCH_UP:
-                    entries = self._history.after_number(link.start_no)
-                else:  # Step.REPLAY
-                    entries = self._history.after_number(0)
-                for _number, _id, line in entries:
-                    session.send(line)
-                link.activities_sent += len(entries)
-                self.counters.activities_relayed += len(entries)
+                lines = catch_up.lines(work)
+                if lines:
+                    outbox.send(b"".join(lines))  # not in a section: written (or queued) at once
+                sent = len(lines)
+                self._drain(outbox)
+                time.sleep(0)  # let threads waiting for the GIL in: a client's round trip
+
+    def _catch_up_at_once(self, session):
+        """Without a worker: every chunk now, in this hold (unit tests on plain data)."""
+        sent = 0
+        while True:
+            work, catch_up, _evicted = self._catch_up_step(session, sent)
+            if work is None:
+                return
+            lines = catch_up.lines(work)
+            if lines:
+                session.outbox.send(b"".join(lines))
+            sent = len(lines)
+
+    def _catch_up_step(self, session, sent):
+        """One lock hold of a catch-up (lock held): count what the worker ``sent`` since the last
+        one, then decide its next piece of work: None (done: the link is live or gone),
+        "lookup" (find the request's ``after`` on disk), ("disk", first, below) (read those
+        numbers from the store), or the next entries of memory; the last ones are sent here
+        and the link goes live. Returns (work, the CatchUp, how many were evicted unsent)."""
+        link = self._links.get(session)
+        if link is None or link.catch_up is None:
+            return None, None, 0
+        self._count_sent(session, link, sent)
+        catch_up = link.catch_up
+        if catch_up.lookup is not None:
+            return "lookup", catch_up, 0
+        if self._store is not None and self._catch_up_runner is not None:
+            missing = catch_up.on_disk(self._history)
+            if missing is not None:
+                return ("disk", *missing), catch_up, 0
+        entries, last, evicted = catch_up.take(self._history)
+        if not last:
+            return entries, catch_up, evicted
+        lines = catch_up.lines(entries)
+        if lines:
+            session.outbox.send(b"".join(lines))
+        self._count_sent(session, link, len(lines))
+        link.caught_up()
+        return None, catch_up, evicted
+
+    def _look_up(self, session, catch_up):
+        """The request's ``after`` is not in memory: find its number on disk (outside the lock),
+        then decide the answer (``recovery.answer``)."""
+        position = None
+        try:
+            position = self._store.position_of(catch_up.lookup)
+        except (StoreError, sqlite3.Error) as exc:
+            log.error("data store: cannot look up %s for recovery: %s", catch_up.lookup, exc)
+        with self._locked:
+            link = self._links.get(session)
+            if link is None or link.catch_up is not catch_up:
+                return  # gone, or asked again meanwhile: the next hold sees it
+            after, marks, held = link.request
+            sent_by = self._peers.sent_by(link.peer_key) if link.foreign else None
+            after_no = position if position is not None else self._history.first_no - 1
+            link.catch_up = recovery.answer(self._history, after, marks, held, sent_by, True, after_no)
+
+    def _send_stored(self, session, catch_up, first, below):
+        """Send ``session``, outside the lock, the stored entries numbered [first, below) that
+        the catch-up wants, in order, a chunk at a time, draining the outbox between chunks;
+        then move its cursor past them (under the lock). Those were evicted from memory but
+        may still wait for the store's writer: flush first. A failing store is logged; the
+        catch-up then goes on from memory. Returns how many were sent."""
+        sent = 0
+        began = time.perf_counter()
+        outbox = session.outbox
+        try:
+            self._store.flush(COMMIT_WAIT)
+            for chunk in self._store.missing(catch_up.marks or None, catch_up.foreign_after or 0, below, first):
+                lines = catch_up.lines(chunk)
+                if lines:
+                    outbox.send(b"".join(lines))
+                sent += len(lines)
+                if getattr(outbox, "closed", False):
+                    break
+                self._drain(outbox)
+        except (StoreError, sqlite3.Error) as exc:
+            log.error("data store: cannot read activities for %s from disk (%s); it gets what "
+                      "memory holds", session.address, exc)
+        if sent:
+            log.info("sent %s %d activities from disk (numbers %d to %d) in %.3f s", session.address, sent,
+                     first, below - 1, time.perf_counter() - began, extra={"conn": session.address})
+        with self._locked:
+            if session.link is not None and session.link.catch_up is catch_up:
+                catch_up.cursor = max(catch_up.cursor, below - 1)
+        return sent
+
+    @staticmethod
+    def _drain(outbox):
+        """Wait until ``outbox`` holds less than CATCH_UP_LOW_WATER (or is closed)."""
+        while outbox.queued_bytes() > CATCH_UP_LOW_WATER and not getattr(outbox, "closed", False):
+            time.sleep(CATCH_UP_POLL)
+
+    def _count_sent(self, session, link, count):
+        session.messages_out += count
+        link.activities_sent += count
+        self.counters.activities_relayed += count
 
     def _learn_user(self, session, username, secret):
         if self._users.is_blocked(username):

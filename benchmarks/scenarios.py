@@ -455,6 +455,9 @@ RECOVERY_SIZES = dict(
     smoke={"count": 500, "receivers": 3, "before": 50, "cut_at_least": 0.0})
 
 
+ONE_CABLE = ["--grace", "3600"]  # see recovery()
+
+
 @scenario("recovery", "B dials A through a relay; cut it, send 20,000 on A, heal: until B has them",
           **RECOVERY_SIZES)
 def recovery(ctx, count, receivers, before, cut_at_least, sent_on="A"):
@@ -462,9 +465,11 @@ def recovery(ctx, count, receivers, before, cut_at_least, sent_on="A"):
     whose client sends during the cut; the other side's clients must catch up after the heal.
     On B's side B asks for what it lacks; on A's side A asks once B has announced itself."""
     with ctx.cluster() as cluster:
-        a = cluster.start("A")
+        # The relay is the one cable: without a long --grace, A and B would link again directly
+        # (each knows the other's announced address) around the cut (issue 9).
+        a = cluster.start("A", extra=ONE_CABLE)
         relay = cluster.relay(a.port)
-        b = cluster.start("B", remote_port=relay.port)
+        b = cluster.start("B", remote_port=relay.port, extra=ONE_CABLE)
         near_server, far_server = (a, b) if sent_on == "A" else (b, a)
         receiver = Receiver().start()
         clients = []

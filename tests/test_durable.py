@@ -179,7 +179,9 @@ def test_restarted_server_gets_from_a_peers_disk_what_left_its_memory(make_proce
     mark = restart(b)
     wait_log(b, rf"connected to server 127\.0\.0\.1:{a.port}", since=mark)
     wait_until(lambda: stored_activities(dir_b) >= 305, LONG, message="B to store all 305")
-    assert a.find_log(r"sent \S+ 270 activities from disk")  # what A's memory no longer held
+    # what A's memory no longer held (6..275), and half of what it holds (276..290: the disk range
+    # reaches half-way into memory, see recovery.CatchUp.on_disk)
+    assert a.find_log(r"sent \S+ 285 activities from disk")
     send(sender, "later", 3)
     wait_until(lambda: stored_activities(dir_b) >= 308, LONG, message="B to store the later ones")
     b.stop()
@@ -377,9 +379,10 @@ class FakeOutbox:
         self.last_heard = 0.0
 
     def send(self, data):
-        message = json.loads(data) if data.strip() else {}
-        if message.get("command") == "ACTIVITY_BROADCAST":
-            self.ids.append(message["id"])
+        for line in data.splitlines():  # a catch-up chunk holds many
+            message = json.loads(line) if line.strip() else {}
+            if message.get("command") == "ACTIVITY_BROADCAST":
+                self.ids.append(message["id"])
 
     def send_last(self, data, reason):
         self.send(data)
@@ -396,14 +399,18 @@ def own(seq):
 
 
 def test_answer_from_disk_then_memory_also_what_memory_evicted_meanwhile(tmp_path):
-    """Memory holds 10; the store all. A peer asking with marks gets everything above its mark:
-    the disk part, then (since 15 more arrived while the disk was read, evicting what the first
-    pass did not cover) a second disk pass, then memory, then live: each once, in order."""
+    """Memory holds 10; the store all. A peer asking with marks gets everything above its mark,
+    streamed by the link's catch-up worker (run here by the test, outside the lock, as the
+    server's thread would): the disk part, then (since 15 more arrived while the disk was read,
+    evicting what the first pass did not cover) a second disk pass, then memory, then live:
+    each once, in order."""
     with Store.open(str(tmp_path / "s")) as kept:
-        state = State("127.0.0.1", 4000, history_size=10, store=kept)
+        workers = []  # the sessions whose catch-up worker the server would start now
+        state = State("127.0.0.1", 4000, history_size=10, store=kept, catch_up_runner=workers.append)
         source = state.open_session(FakeOutbox(), "source")
         state.accept_link(source)
         state.peer_announced(source, 100, "127.0.0.1", 5000)
+        state.catch_up(workers.pop())  # it never asked: caught up with what arrived since (nothing)
         for seq in range(1, 101):
             assert state.server_activity(source, {"seq": seq}, own(seq))
         asking = state.open_session(FakeOutbox(), "asking")
@@ -412,22 +419,30 @@ def test_answer_from_disk_then_memory_also_what_memory_evicted_meanwhile(tmp_pat
         first_pass = state._send_stored
 
         def arrivals_during_the_read(*args):
-            first_pass(*args)
-            passes.append(args[3:])  # (start, below)
+            sent = first_pass(*args)
+            passes.append(args[2:])  # (first, below)
             if len(passes) == 1:
                 for seq in range(101, 116):
                     state.server_activity(source, {"seq": seq}, own(seq))
+            return sent
         state._send_stored = arrivals_during_the_read
         state.peer_asked(asking, "", {ORIGIN_B: 5})
+        assert workers == [asking] and asking.outbox.ids == []  # nothing under the lock
+        state.catch_up(workers.pop())
+        assert asking.link.live
         state.server_activity(source, {"seq": 116}, own(116))
-        assert passes == [(1, 91), (91, 106)]
+        assert passes == [(1, 96), (96, 111)]  # each reaches half-way into memory (on_disk)
         assert asking.outbox.ids == [own(seq) for seq in range(6, 117)]
 
         # A peer without marks (another implementation): after an id only the disk still holds
-        # it gets what follows it; after an unknown id, what memory holds (as without a store).
+        # it gets what follows it (its number looked up on disk by the worker); after an unknown
+        # id, what memory holds (as without a store). It is answered once it has announced.
         state._send_stored = first_pass
-        for after, expected in ((own(50), range(51, 117)), ("unknown", range(107, 117))):
+        for port, (after, expected) in enumerate(((own(50), range(51, 117)), ("unknown", range(107, 117)))):
             peer = state.open_session(FakeOutbox(), f"plain-{after}")
             state.accept_link(peer)
             state.peer_asked(peer, after, None)
+            assert workers == []
+            state.peer_announced(peer, 0, "127.0.0.1", 6000 + port)
+            state.catch_up(workers.pop())
             assert peer.outbox.ids == [own(seq) for seq in expected]

@@ -497,7 +497,7 @@ class FakeOutbox:
         if data == protocol.HEARTBEAT:
             self.heartbeats += 1
         elif self.closed_with is None:
-            self.lines.append(json.loads(data))
+            self.lines += [json.loads(line) for line in data.splitlines()]  # a chunk holds many
 
     def send_last(self, data, reason):
         self.send(data)
@@ -708,7 +708,9 @@ def test_the_initiator_opens_with_its_whole_half_and_waits_for_the_peer():
     assert link.open() == (Step.AUTHENTICATE, Step.ASK, Step.USERS, Step.ANNOUNCE)
     assert (link.asked, link.live, link.phase) == (True, False, "asked")
     assert link.tick(100.0 + recovery.LIVE_AFTER / 2) == ()  # too early to give up on the peer
-    assert link.peer_asked() == (Step.ANSWER,)
+    assert link.peer_asked("", {ORIGIN_B: 1}) == (Step.ANSWER,)
+    assert (link.live, link.phase, link.request) == (False, "catching-up", ("", {ORIGIN_B: 1}, None))
+    link.caught_up()  # State sent the answer's last chunk
     assert (link.live, link.phase) == (True, "live")
     assert link.peer_announced(3, "peer.example", 4000) == []  # already live: nothing to do
     assert (link.load, link.peer_key) == (3, "127.0.0.1:5000")  # the dialled address stays the key
@@ -718,7 +720,8 @@ def test_the_acceptor_takes_its_turn_on_the_peers_first_announce():
     link = recovery.Link.accepted(start_no=7, now=100.0)
     assert link.open() == (Step.USERS,)
     assert link.phase == "authenticated"
-    assert link.peer_asked() == (Step.ANSWER,)  # the initiator's ACTIVITY_RETRIEVE comes first
+    assert link.peer_asked("", {ORIGIN_B: 1}) == (Step.ANSWER,)  # the initiator's ACTIVITY_RETRIEVE comes first
+    link.caught_up()
     assert link.phase == "answered"
     assert link.peer_announced(0, "peer.example", 4000) == [Step.ASK, Step.ANNOUNCE]
     assert (link.peer_key, link.phase) == ("peer.example:4000", "live")
@@ -730,7 +733,7 @@ def test_a_quiet_peer_is_caught_up_by_the_clock():
     dialled = recovery.Link.dialled("127.0.0.1:5000", start_no=7, now=100.0)
     dialled.open()
     assert dialled.tick(100.0 + recovery.LIVE_AFTER) == (Step.REPLAY,)  # the whole history
-    assert dialled.live and dialled.tick(200.0) == ()
+    assert dialled.phase == "catching-up" and dialled.tick(200.0) == ()
     accepted = recovery.Link.accepted(start_no=7, now=100.0)
     accepted.open()
     # an acceptor's peer may be just as slow (its opening held up): the whole history too
@@ -748,7 +751,7 @@ def test_no_load_announce_before_our_half_of_the_routine_is_out():
     accepted = recovery.Link.accepted(start_no=0, now=0.0)
     accepted.open()
     assert not accepted.may_announce_load
-    accepted.peer_asked()
+    accepted.peer_asked("", {ORIGIN_B: 1})
     assert not accepted.may_announce_load, "answering is not our half: the ASK is"
     accepted.peer_announced(0, "peer.example", 4000)
     assert accepted.may_announce_load
@@ -760,11 +763,11 @@ def test_only_the_first_announce_can_make_a_link_live():
     dialled = recovery.Link.dialled("127.0.0.1:5000", start_no=3, now=0.0)
     dialled.open()
     assert dialled.peer_announced(0, "java.example", 4000) == [Step.CATCH_UP]  # a Java acceptor
-    assert dialled.live
+    assert dialled.backlog and dialled.foreign  # announced before asking: not one of ours
     again = recovery.Link.dialled("127.0.0.1:5000", start_no=3, now=0.0)
     again.open()
     again.hostname, again.port = "seen.example", 4000  # as if it had announced before
-    assert again.peer_announced(1, "seen.example", 4000) == [] and not again.live
+    assert again.peer_announced(1, "seen.example", 4000) == [] and not again.backlog
 
 
 def test_a_peer_still_sending_activities_is_not_quiet():
@@ -799,3 +802,42 @@ def test_peer_memory_asks_after_the_last_id_heard_from_an_address():
     memory.heard("a:1", "x")
     memory.heard("a:1", "y")
     assert memory.last_from("a:1") == "y"
+
+
+def test_a_request_without_marks_on_an_accepted_link_waits_for_the_announce():
+    """Rule 5: a peer asking without marks may not de-duplicate; what not to send back is known
+    by its address, which an acceptor learns only from the announce after the request."""
+    link = recovery.Link.accepted(start_no=0, now=0.0)
+    link.open()
+    assert link.peer_asked("after-id", None) == ()
+    assert link.foreign and link.request == ("after-id", None, None)
+    assert link.peer_announced(1, "java.example", 4000) == [Step.ASK, Step.ANNOUNCE, Step.ANSWER]
+    never = recovery.Link.accepted(start_no=0, now=0.0)
+    never.open()
+    never.peer_asked("", None)
+    assert never.tick(recovery.LIVE_AFTER) == (Step.ASK, Step.ANNOUNCE, Step.ANSWER)  # no announce came
+
+
+def test_a_java_acceptor_is_pushed_what_arrived_after_what_it_held_less_its_own():
+    """We dial a peer that announces before asking (the Java acceptor): on the first link it gets
+    what arrives from then on; after a cut, what arrived after the last entry it held when the
+    live link broke, never the activities it sent us."""
+    state, (old,) = linked_state("old")
+    java = new_session(state, "java")
+    state.dial_link(java, "127.0.0.1:7000", "secret")
+    state.server_activity(old, {"n": 1}, own(ORIGIN_B, 1))  # before it announced: not pushed
+    state.peer_announced(java, 0, "127.0.0.1", 7000)
+    assert java.link.foreign and java.link.live
+    take(java)
+    state.server_activity(java, {"j": 1}, "J1")
+    state.server_activity(old, {"n": 2}, own(ORIGIN_B, 2))
+    assert [m["id"] for m in take(java, "ACTIVITY_BROADCAST")] == [own(ORIGIN_B, 2)]
+    state.close_session(java)  # the cut: it held everything up to B:2
+    state.server_activity(old, {"n": 3}, own(ORIGIN_B, 3))
+    again = new_session(state, "again")
+    state.dial_link(again, "127.0.0.1:7000", "secret")
+    take(again)
+    state.peer_announced(again, 0, "127.0.0.1", 7000)  # it answers AUTHENTICATE with it at once
+    state.server_activity(again, {"j": 2}, "J2")  # then its answer to our request
+    state.server_activity(old, {"n": 4}, own(ORIGIN_B, 4))
+    assert [m["id"] for m in take(again, "ACTIVITY_BROADCAST")] == [own(ORIGIN_B, 3), own(ORIGIN_B, 4)]
