@@ -526,8 +526,8 @@ class State:
                 running = link.catch_up is not None  # a worker streams it: it takes the new one
                 link.catch_up = self._backlog(step, link)
                 if running:
-                    pass
-                elif self._catch_up_runner is None:
+                    continue
+                if self._catch_up_runner is None:
                     self._catch_up_at_once(session)
                 else:
                     self._catch_up_runner(session)
