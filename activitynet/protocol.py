@@ -227,6 +227,11 @@ def make_id(origin, seq, sent_ms):
     return f"{origin}:{seq}:{sent_ms}"
 
 
+def make_ids(origin, seqs, sent_ms):
+    """``make_id`` of each of ``seqs``, all sent at ``sent_ms``."""
+    return [f"{origin}:{seq}:{sent_ms}" for seq in seqs]
+
+
 def parse_id(activity_id):
     """(origin, seq, sent in ms) for one of our ids, None for a foreign one."""
     match = _OWN_ID.fullmatch(activity_id)
@@ -298,6 +303,12 @@ def redirect(hostname, port):
 
 def activity_broadcast(activity, activity_id):
     return {"command": "ACTIVITY_BROADCAST", "activity": activity, "id": activity_id}
+
+
+def activity_broadcasts(activities, activity_ids):
+    """``activity_broadcast`` of each activity with its id."""
+    return [{"command": "ACTIVITY_BROADCAST", "activity": activity, "id": activity_id}
+            for activity, activity_id in zip(activities, activity_ids)]
 
 
 def authenticate(secret):

@@ -277,16 +277,13 @@ class State:
         """Our own activities, sent by ``username``: numbered, stamped and published in order."""
         origin, next_seq = self.origin, self._next_seq
         seqs = [next_seq() for _ in activities]
-        sent_ms = int(time.time() * 1000)
-        ids = [protocol.make_id(origin, seq, sent_ms) for seq in seqs]
-        messages = []
-        for activity, activity_id in zip(activities, ids):
+        ids = protocol.make_ids(origin, seqs, int(time.time() * 1000))
+        for activity in activities:
             activity["authenticated_user"] = username
-            messages.append(protocol.activity_broadcast(activity, activity_id))
-        data = protocol.encode_lines(messages)
+        data = protocol.encode_lines(protocol.activity_broadcasts(activities, ids))
         self._intake.sent_all(origin, seqs)
         self.counters.activities_from_clients += len(ids)
-        self._publish_all(ids, data, None, [(origin, seq) for seq in seqs])
+        self._publish_all(ids, data, None, origin, seqs)
 
     def load(self):
         with self._locked:
@@ -457,7 +454,7 @@ class State:
                     if link is not None and min(sent_ms) < link.since * 1000:
                         since_ms = link.since * 1000
                         self.counters.activities_recovered += sum(1 for sent in sent_ms if sent < since_ms)
-                    self._publish_all(ids, data, session, [(origin, seq) for seq in range(first, first + count)])
+                    self._publish_all(ids, data, session, origin, range(first, first + count))
                     return
             duplicates = 0
             for message, line in zip(messages, data.split(b"\n")):
@@ -741,16 +738,18 @@ class State:
                 link.activities_sent += 1
                 counters.activities_relayed += 1
 
-    def _publish_all(self, ids, data, source, stamps):
-        """``_publish`` of several activities, in order, none older than the newest login (less
-        the clock slack): ``data`` is their lines joined (no "\\r" in it, one "\\n" ending
-        each); ``stamps`` their (origin, seq) for the data store. Every connection is sent
-        ``data`` in one piece."""
+    def _publish_all(self, ids, data, source, origin, seqs):
+        """``_publish`` of several activities of ``origin`` (numbered ``seqs``), in order, none
+        older than the newest login (less the clock slack): ``data`` is their lines joined (no
+        "\\r" in it, one "\\n" ending each). Every connection is sent ``data`` in one piece."""
         history = self._history
         store = self._store
-        for activity_id, line, (origin, seq) in zip(ids, data.splitlines(True), stamps):
-            history.add(activity_id, line)
-            if store is not None:
+        if store is None:
+            for activity_id, line in zip(ids, data.splitlines(True)):
+                history.add(activity_id, line)
+        else:
+            for activity_id, line, seq in zip(ids, data.splitlines(True), seqs):
+                history.add(activity_id, line)
                 store.add_activity(history.last_no, activity_id, line, origin, seq)
         count = len(ids)
         counters = self.counters

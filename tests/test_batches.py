@@ -297,3 +297,58 @@ def test_a_stream_in_random_writes_arrives_whole(server):
         sender.send_raw(data[at:at + size])
         at += size
     assert [json.loads(line)["activity"]["n"] for line in _received(reader, 1000)] == list(range(1000))
+
+
+# --- reading lines ------------------------------------------------------------------------------
+
+class _Chunks:
+    """A transport whose reads return the given chunks, then EOF."""
+
+    def __init__(self, chunks):
+        self.chunks = list(chunks)
+        self.peer = None
+
+    def recv(self, size):
+        return self.chunks.pop(0) if self.chunks else b""
+
+    def fileno(self):
+        return -1
+
+
+def _lines_one_by_one(chunks, max_line):
+    """What ``Connection.batches`` must yield, line by line: (lines, then "too long" or None)."""
+    out, pending = [], b""
+    for data in chunks:
+        lines = (pending + data).split(b"\n")
+        pending = lines.pop()
+        for line in lines:
+            line = line[:-1] if line.endswith(b"\r") else line
+            if len(line) > max_line:
+                return out, "too long"
+            if line and not line.isspace():
+                out.append(line)
+        if len(pending[:-1] if pending.endswith(b"\r") else pending) > max_line:
+            return out, "too long"
+    if pending.strip():
+        out.append(pending.rstrip(b"\r"))
+    return out, None
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.sampled_from([b"{}", b"x" * 70, b" ", b"\t", b"", b"\r", b"a\rb", b"\x0b", b"h"]), max_size=30),
+       st.data())
+def test_reading_lines_in_bulk_is_reading_them_one_by_one(pieces, data):
+    """Blank and whitespace lines dropped, a "\\r" ending stripped, an over-long line (past 64
+    bytes here) refused after the lines before it: whatever the reads' boundaries."""
+    from activitynet.connection import Connection, LineTooLong
+    text = b"\n".join(pieces) + data.draw(st.sampled_from([b"", b"\n", b"\r\n"]))
+    cuts = sorted(data.draw(st.lists(st.integers(0, len(text)), max_size=4)))
+    chunks = [text[a:b] for a, b in zip([0] + cuts, cuts + [len(text)]) if text[a:b]]
+    conn = Connection(_Chunks(chunks), poller=None, outgoing=None, max_line=64, max_outbox=1 << 20)
+    got, ending = [], None
+    try:
+        for lines in conn.batches():
+            got += lines
+    except LineTooLong:
+        ending = "too long"
+    assert (got, ending) == _lines_one_by_one(chunks, 64)
