@@ -229,7 +229,8 @@ def make_id(origin, seq, sent_ms):
 
 def make_ids(origin, seqs, sent_ms):
     """``make_id`` of each of ``seqs``, all sent at ``sent_ms``."""
-    return [f"{origin}:{seq}:{sent_ms}" for seq in seqs]
+    head, tail = f"{origin}:", f":{sent_ms}"
+    return [head + str(seq) + tail for seq in seqs]
 
 
 def parse_id(activity_id):
@@ -244,21 +245,29 @@ _OWN_IDS = re.compile(r"^([0-9a-f]{16}):([0-9]{1,18}):([0-9]{1,15})$", re.MULTIL
 
 
 def parse_run(activity_ids):
-    """(origin, first seq, [sent in ms, ...]) when ``activity_ids`` (a list) are ours, from one
-    origin, with consecutive sequence numbers: what a peer relaying a stream sends. None for any
-    other list (then ``parse_id`` each). One regular expression reads them all."""
+    """(origin, first seq, the oldest sent in ms) when ``activity_ids`` (a list) are ours, from
+    one origin, with consecutive sequence numbers: what a peer relaying a stream sends. None
+    for any other list (then ``parse_id`` each). One regular expression reads them all, and
+    the numbers are compared as text where that says the same (a relay's hot path)."""
     text = "\n".join(activity_ids)
-    if text.count("\n") != len(activity_ids) - 1:  # an id with a newline in it
+    count = len(activity_ids)
+    if text.count("\n") != count - 1:  # an id with a newline in it
         return None
     found = _OWN_IDS.findall(text)
-    if len(found) != len(activity_ids):
+    if len(found) != count:
         return None
     origins, seqs, sents = zip(*found)
-    origin = origins[0]
-    first = int(seqs[0])
-    if origins.count(origin) != len(origins) or list(map(int, seqs)) != list(range(first, first + len(seqs))):
+    origin, first, last = origins[0], int(seqs[0]), int(seqs[-1])
+    if origins.count(origin) != count or last - first != count - 1:
         return None
-    return origin, first, list(map(int, sents))
+    if min(map(len, seqs)) == max(map(len, seqs)):  # as long, rising: count numbers from first to last
+        if list(seqs) != sorted(set(seqs)):
+            return None
+    elif list(map(int, seqs)) != list(range(first, last + 1)):
+        return None
+    if min(map(len, sents)) == max(map(len, sents)):  # as long: the least text is the least number
+        return origin, first, int(min(sents))
+    return origin, first, min(map(int, sents))
 
 
 def split_id(activity_id):

@@ -447,13 +447,13 @@ class State:
                     self._peers.heard(link.peer_key, ids[-1])  # the store shares its dict
             run = protocol.parse_run(ids)
             if run is not None:
-                origin, first, sent_ms = run
-                if (min(sent_ms) / 1000 >= self._newest_login - self.clock_slack
+                origin, first, oldest = run
+                if (oldest / 1000 >= self._newest_login - self.clock_slack
                         and self._intake.receive_run(origin, first, first + count - 1)):
                     self.counters.activities_from_servers += count
-                    if link is not None and min(sent_ms) < link.since * 1000:
-                        since_ms = link.since * 1000
-                        self.counters.activities_recovered += sum(1 for sent in sent_ms if sent < since_ms)
+                    if link is not None and oldest < link.since * 1000:  # a backlog (see server_activity)
+                        self.counters.activities_recovered += sum(
+                            1 for activity_id in ids if protocol.parse_id(activity_id)[2] < link.since * 1000)
                     self._publish_all(ids, data, session, origin, range(first, first + count))
                     return
             duplicates = 0

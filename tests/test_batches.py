@@ -126,8 +126,13 @@ OWN = "0123456789abcdef"
 
 
 @pytest.mark.parametrize("ids, expected", [
-    ([f"{OWN}:5:100", f"{OWN}:6:101", f"{OWN}:7:99"], (OWN, 5, [100, 101, 99])),
-    ([f"{OWN}:1:1"], (OWN, 1, [1])),
+    ([f"{OWN}:5:100", f"{OWN}:6:101", f"{OWN}:7:99"], (OWN, 5, 99)),
+    ([f"{OWN}:1:1"], (OWN, 1, 1)),
+    ([f"{OWN}:8:100", f"{OWN}:9:99", f"{OWN}:10:1000", f"{OWN}:11:7"], (OWN, 8, 7)),  # lengths differ
+    ([f"{OWN}:098:5", f"{OWN}:099:5", f"{OWN}:100:5"], (OWN, 98, 5)),  # zeros ahead: as parse_id reads
+    ([f"{OWN}:10:5", f"{OWN}:12:5", f"{OWN}:11:5"], None),  # from 10 to 12, but not in order
+    ([f"{OWN}:10:5", f"{OWN}:12:5", f"{OWN}:12:5"], None),
+    ([f"{OWN}:9:5", f"{OWN}:11:5", f"{OWN}:10:5"], None),
     ([f"{OWN}:5:100", f"{OWN}:7:100"], None),  # a gap
     ([f"{OWN}:6:100", f"{OWN}:5:100"], None),  # backwards
     ([f"{OWN}:5:100", f"{OWN}:5:100"], None),  # a copy
@@ -142,7 +147,28 @@ def test_parse_run_reads_only_a_run_of_one_origin(ids, expected):
     run = protocol.parse_run(ids)
     assert run == expected
     if run is not None:
-        assert [protocol.parse_id(i) for i in ids] == [(run[0], run[1] + k, sent) for k, sent in enumerate(run[2])]
+        parsed = [protocol.parse_id(i) for i in ids]
+        assert [p[:2] for p in parsed] == [(run[0], run[1] + k) for k in range(len(ids))]
+        assert run[2] == min(p[2] for p in parsed)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.tuples(st.sampled_from([OWN, "fedcba9876543210", "x"]), st.integers(0, 1200),
+                          st.integers(0, 10 ** 15 - 1), st.sampled_from(["", "0"])), min_size=1, max_size=8),
+       st.booleans())
+def test_parse_run_agrees_with_parse_id(parts, consecutive):
+    """Runs (or not) of numbers of any length, from one origin or several: parse_run reads a
+    run exactly when parse_id would find one origin and consecutive numbers."""
+    if consecutive:
+        parts = [(parts[0][0], parts[0][1] + k, sent, zero) for k, (_, _, sent, zero) in enumerate(parts)]
+    ids = [f"{origin}:{zero}{seq}:{sent}" for origin, seq, sent, zero in parts]
+    parsed = [protocol.parse_id(i) for i in ids]
+    is_run = (None not in parsed and len({p[0] for p in parsed}) == 1
+              and [p[1] for p in parsed] == list(range(parsed[0][1], parsed[0][1] + len(ids))))
+    run = protocol.parse_run(ids)
+    assert (run is not None) == is_run
+    if run is not None:
+        assert run == (parsed[0][0], parsed[0][1], min(p[2] for p in parsed))
 
 
 def _state_of(intake):
