@@ -21,6 +21,7 @@ activity is); the lines are then handled as one (see ``State.client_activities``
 
 import copy
 import json
+import operator
 import threading
 from pathlib import Path
 from typing import Annotated, Optional, Union
@@ -233,6 +234,7 @@ class _FlatActivityBroadcast(msgspec.Struct, tag_field="command", tag="ACTIVITY_
 _BATCH_DECODERS = {"ACTIVITY_MESSAGE": msgspec.json.Decoder(list[_FlatActivityMessage]).decode,
                    "ACTIVITY_BROADCAST": msgspec.json.Decoder(list[_FlatActivityBroadcast]).decode}
 _SEPARATOR = b",\n"
+_FIRST_BYTE = operator.itemgetter(0)
 
 
 def decode_activities(lines, command) -> Optional[list]:
@@ -247,11 +249,14 @@ def decode_activities(lines, command) -> Optional[list]:
     number, so each separator is between two tokens, and inside an object a comma is followed
     by a key, never by "{": each separator is one of the array's own. With as many elements as
     lines, each element is then exactly one line."""
-    text = b"[" + _SEPARATOR.join(lines) + b"]"
-    if text.count(b"\n{") != len(lines) - 1:
+    try:
+        firsts = bytes(map(_FIRST_BYTE, lines))
+    except IndexError:  # an empty line
+        return None
+    if firsts[1:].count(b"{") != len(lines) - 1:
         return None
     try:
-        structs = _BATCH_DECODERS[command](text)
+        structs = _BATCH_DECODERS[command](b"[" + _SEPARATOR.join(lines) + b"]")
     except (msgspec.MsgspecError, ValueError, RecursionError):
         return None
     return structs if len(structs) == len(lines) else None

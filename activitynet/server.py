@@ -627,11 +627,10 @@ class Server:
                     session.messages_in += end - index
                     return end, None
             messages = schemas.decode_activities(chunk, "ACTIVITY_BROADCAST")
-            data = b"\n".join(chunk) + b"\n"
-            if messages is None or b"\r" in data:  # a "\r" is not relayed as received
-                return index, None
+            if messages is None or any(map(bytes.__contains__, chunk, itertools.repeat(b"\r"))):
+                return index, None  # a "\r" is not relayed as received
             session.messages_in += end - index
-            self.state.server_activities(session, messages, data)
+            self.state.server_activities(session, messages, chunk)
             return end, None
         if session.role != CLIENT:
             return index, None

@@ -283,7 +283,7 @@ class State:
         data = protocol.encode_lines(protocol.activity_broadcasts(activities, ids))
         self._intake.sent_all(origin, seqs)
         self.counters.activities_from_clients += len(ids)
-        self._publish_all(ids, data, None, origin, seqs)
+        self._publish_all(ids, data.splitlines(True), data, None, origin, seqs)
 
     def load(self):
         with self._locked:
@@ -426,11 +426,11 @@ class State:
                 self._store.poke()  # the peer mark changed: no activity wakes the writer
             return bool(published)
 
-    def server_activities(self, session, messages, data):
+    def server_activities(self, session, messages, received):
         """``server_activity`` for each of ``messages`` (ACTIVITY_BROADCAST structs of one read,
-        ``schemas.decode_activities``), received as the lines of ``data`` (each ending in
-        "\\n", none holding a "\\r"), which may be relayed unchanged, in order, in one hold of
-        the lock.
+        ``schemas.decode_activities``), received as the lines ``received`` (without their
+        "\\n"; none holds a "\\r"), which may be relayed unchanged, in order, in one hold of the
+        lock.
 
         The usual case, a run of the next numbers of one origin of ours, all new and none held,
         is judged and published as one (``dedup.Intake.receive_run``), delivered and forwarded
@@ -454,10 +454,11 @@ class State:
                     if link is not None and oldest < link.since * 1000:  # a backlog (see server_activity)
                         self.counters.activities_recovered += sum(
                             1 for activity_id in ids if protocol.parse_id(activity_id)[2] < link.since * 1000)
-                    self._publish_all(ids, data, session, origin, range(first, first + count))
+                    lines = [line + b"\n" for line in received]
+                    self._publish_all(ids, lines, b"".join(lines), session, origin, range(first, first + count))
                     return
             duplicates = 0
-            for message, line in zip(messages, data.split(b"\n")):
+            for message, line in zip(messages, received):
                 if self._take_from_server(session, link, message.activity, message.id, line, now) is None:
                     duplicates += 1
             if duplicates and self._store is not None:
@@ -738,17 +739,17 @@ class State:
                 link.activities_sent += 1
                 counters.activities_relayed += 1
 
-    def _publish_all(self, ids, data, source, origin, seqs):
+    def _publish_all(self, ids, lines, data, source, origin, seqs):
         """``_publish`` of several activities of ``origin`` (numbered ``seqs``), in order, none
-        older than the newest login (less the clock slack): ``data`` is their lines joined (no
-        "\\r" in it, one "\\n" ending each). Every connection is sent ``data`` in one piece."""
+        older than the newest login (less the clock slack): ``lines`` (each ending in "\\n")
+        and ``data``, the same joined. Every connection is sent ``data`` in one piece."""
         history = self._history
         store = self._store
         if store is None:
-            for activity_id, line in zip(ids, data.splitlines(True)):
+            for activity_id, line in zip(ids, lines):
                 history.add(activity_id, line)
         else:
-            for activity_id, line, seq in zip(ids, data.splitlines(True), seqs):
+            for activity_id, line, seq in zip(ids, lines, seqs):
                 history.add(activity_id, line)
                 store.add_activity(history.last_no, activity_id, line, origin, seq)
         count = len(ids)
