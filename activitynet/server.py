@@ -589,13 +589,13 @@ class Server:
         stops early once the client's bucket says to pause. The state lock is taken once per
         LINES_PER_HOLD lines, not once per line; the pause is the caller's, never under it.
         A logged-in client's or a link's run of activities goes to the state as one
-        (``_handle_activities``)."""
+        (``_handle_activities``); a line alone goes the usual way, a few microseconds faster."""
         bucket = session.bucket
         index = start
         result = None
         while index < len(lines) and result is None:
             end = min(index + LINES_PER_HOLD, len(lines))
-            if session.held is None and (arrival is None or not arrival.ticket.pending):
+            if end - index > 1 and session.held is None and (arrival is None or not arrival.ticket.pending):
                 taken, result = self._handle_activities(session, lines, index, end, bucket)
                 if taken != index:
                     index = taken
