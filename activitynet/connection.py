@@ -279,16 +279,20 @@ class Connection:
                 data = pending + data
             lines = data.split(b"\n")
             pending = lines.pop()
-            out = []
-            for line in lines:
-                if line.endswith(b"\r"):
-                    line = line[:-1]
-                if len(line) > self.max_line:
-                    break
-                if line and not line.isspace():
-                    out.append(line)
+            if (b"\r" in data or b"" in lines or any(map(bytes.isspace, lines))
+                    or (len(data) > self.max_line and max(map(len, lines), default=0) > self.max_line)):
+                out = []  # line by line (rare): terminators, blank and over-long lines
+                for line in lines:
+                    if line.endswith(b"\r"):
+                        line = line[:-1]
+                    if len(line) > self.max_line:
+                        break
+                    if line and not line.isspace():
+                        out.append(line)
+                else:
+                    line = pending[:-1] if pending.endswith(b"\r") else pending
             else:
-                line = pending[:-1] if pending.endswith(b"\r") else pending
+                out, line = lines, pending  # the usual case: every line as it is
             if out:
                 yield out  # the lines before an over-long one are still answered
             if len(line) > self.max_line:

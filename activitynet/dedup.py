@@ -77,6 +77,15 @@ class SeqSet:
                 self._close_narrowest_gap()
         return True
 
+    def add_next(self, first, last):
+        """Record ``first`` .. ``last`` when ``first`` is the next number after every one seen
+        (as many ``add`` calls would); False, recording nothing, otherwise."""
+        hi = self._hi
+        if not hi or first != hi[-1] + 1:
+            return False
+        hi[-1] = last
+        return True
+
     def __contains__(self, seq):
         i = bisect.bisect_right(self._lo, seq)
         return bool(i) and seq <= self._hi[i - 1]
@@ -150,6 +159,11 @@ class Reorder:
         if self.held > self.max_held:
             return self._give_up(min(self._held, key=self._oldest_deadline))
         return []
+
+    def due(self, origin, seq):
+        """Whether ``arrive`` would release ``seq`` of ``origin`` at once, alone: it is the next
+        one expected and nothing of ``origin`` is held."""
+        return self._next.get(origin, 1) == seq and origin not in self._held
 
     def skip_to(self, origin, seq):
         """Expect ``seq`` next from ``origin`` (its sender says nothing below is coming)."""
@@ -235,6 +249,26 @@ class Intake:
             self.duplicates += 1
             return []
         return self.order.arrive(origin, seq, item, now)
+
+    def receive_run(self, origin, first, last):
+        """``receive`` of ``origin``'s numbers ``first`` .. ``last`` at once, for the usual case
+        of a stream relayed in order: True when they are all new and due now (recorded as that
+        many ``receive`` calls would). False, recording nothing, for anything else: then
+        ``receive`` each."""
+        seen = self._seen.get(origin)
+        if seen is None or not self.order.due(origin, first) or not seen.add_next(first, last):
+            return False
+        self.order.skip_to(origin, last + 1)
+        return True
+
+    def sent_all(self, origin, seqs):
+        """``sent`` of each of ``seqs`` (ascending), in one call when they are consecutive."""
+        seen = self._seen.get(origin)
+        if seen is not None and seqs[-1] - seqs[0] == len(seqs) - 1 and seen.add_next(seqs[0], seqs[-1]):
+            self.order.skip_to(origin, seqs[-1] + 1)
+            return
+        for seq in seqs:
+            self.sent(origin, seq)
 
     def sent(self, origin, seq):
         """Our own activity ``seq`` of ``origin``: seen, never held (we number in order, but a

@@ -225,9 +225,9 @@ class Link:
         self.live = True
         self.catch_up = None
 
-    def peer_sent_activity(self, now):
-        """An ACTIVITY_BROADCAST from the peer: it is busy, not quiet (see ``tick``)."""
-        self.activities_received += 1
+    def peer_sent_activity(self, now, count=1):
+        """``count`` ACTIVITY_BROADCASTs from the peer: it is busy, not quiet (see ``tick``)."""
+        self.activities_received += count
         self.heard_at = now
 
     def peer_refused(self):

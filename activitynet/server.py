@@ -87,8 +87,8 @@ from .connection import Connection, LineTooLong, PlainTransport, Poller
 from .limits import Admission, Deadlines, LimitLog, LoginThrottle, Refused, TokenBucket, activity_cost
 from .links import Dialer, Heartbeat
 from .monitor import Monitor
-from .protocol import InvalidMessage, ProtocolError, encode
-from .session import NEW, SERVER
+from .protocol import HEARTBEAT_LINE, InvalidMessage, ProtocolError, encode
+from .session import CLIENT, NEW, SERVER
 from .state import State
 from .store import Store, StoreError
 
@@ -588,17 +588,24 @@ class Server:
     def _handle_lines(self, session, lines, start, arrival):
         """Handle ``lines[start:]``; returns (ending or None, where to go on, seconds to pause):
         stops early once the client's bucket says to pause. The state lock is taken once per
-        LINES_PER_HOLD lines, not once per line; the pause is the caller's, never under it."""
+        LINES_PER_HOLD lines, not once per line; the pause is the caller's, never under it.
+        A logged-in client's or a link's run of activities goes to the state as one
+        (``_handle_activities``); a line alone goes the usual way, a few microseconds faster."""
         bucket = session.bucket
         index = start
         result = None
         while index < len(lines) and result is None:
+            end = min(index + LINES_PER_HOLD, len(lines))
+            if end - index > 1 and session.held is None and (arrival is None or not arrival.ticket.pending):
+                taken, result = self._handle_activities(session, lines, index, end, bucket)
+                if taken != index:
+                    index = taken
+                    continue
             if _outside_the_hold(session, lines[index]):
                 result = self._handle_line(session, lines, index, arrival, bucket)
                 index += 1
                 continue
             with self.state.batch():
-                end = min(index + LINES_PER_HOLD, len(lines))
                 while index < end and result is None and not _outside_the_hold(session, lines[index]):
                     result = self._handle_line(session, lines, index, arrival, bucket)
                     index += 1
@@ -606,6 +613,48 @@ class Server:
         if session.held:  # replies waiting for a commit: out before the flush or the last reply
             ending = self._send_held(session) or ending
         return ending, index, wait
+
+    def _handle_activities(self, session, lines, index, end, bucket):
+        """``lines[index:end]`` in one call to the state, when they are all activities a
+        client (ACTIVITY_MESSAGE) or a link (ACTIVITY_BROADCAST, heartbeats between them) sends,
+        each flat (``schemas.decode_activities``): the traffic of a busy connection, handled as
+        each line would be, for a fraction of the cost. Returns (where to go on, None or what
+        ``_handle_lines`` returns); (``index``, None) when the lines are anything else."""
+        chunk = lines[index:end]
+        if session.role == SERVER:
+            if HEARTBEAT_LINE in chunk:
+                chunk = [line for line in chunk if line != HEARTBEAT_LINE]
+                if not chunk:
+                    session.messages_in += end - index
+                    return end, None
+            messages = schemas.decode_activities(chunk, "ACTIVITY_BROADCAST")
+            if messages is None or any(map(bytes.__contains__, chunk, itertools.repeat(b"\r"))):
+                return index, None  # a "\r" is not relayed as received
+            session.messages_in += end - index
+            self.state.server_activities(session, messages, chunk)
+            return end, None
+        if session.role != CLIENT:
+            return index, None
+        messages = schemas.decode_activities(chunk, "ACTIVITY_MESSAGE")
+        if messages is None:
+            return index, None
+        result = None
+        if bucket is not None:
+            for count, line in enumerate(chunk, 1):
+                wait = bucket.take(activity_cost(len(line)))
+                if wait >= MIN_PAUSE:  # these lines, then the pause (as ``_handle_line`` would)
+                    end = index + count
+                    messages = messages[:count]
+                    result = None, end, wait
+                    break
+        session.messages_in += end - index
+        try:
+            self.state.client_activities(session, messages)
+        except (ProtocolError, handlers.Goodbye) as exc:
+            if isinstance(exc, InvalidMessage):
+                self.state.count_invalid(exc.kind)
+            return end, (_ending_for(exc), len(lines), 0.0)
+        return end, result
 
     def _handle_line(self, session, lines, index, arrival, bucket):
         """Handle ``lines[index]``; None to go on, else what ``_handle_lines`` returns."""

@@ -237,13 +237,7 @@ class State:
     def client_activity(self, session, username, secret, activity):
         """An ACTIVITY_MESSAGE from a client: authenticate it, stamp it, broadcast it."""
         with self._locked:
-            if not session.logged_in:
-                raise AuthenticationFail("ACTIVITY_MESSAGE before LOGIN: log in first")
-            if username != session.username:
-                raise AuthenticationFail(f"the username {username} is not the one logged in on "
-                                         f"this connection ({session.username})")
-            if username != ANONYMOUS and not same_secret(secret, session.secret):
-                raise AuthenticationFail(f"the secret does not match the one of user {username}")
+            self._check_sender(session, username, secret)
             activity["authenticated_user"] = username
             seq = self._next_seq()
             sent_ms = int(time.time() * 1000)
@@ -252,6 +246,48 @@ class State:
             self._intake.sent(self.origin, seq)
             self.counters.activities_from_clients += 1
             self._publish(activity_id, line, source=None, origin=self.origin, seq=seq)
+
+    def client_activities(self, session, messages):
+        """``client_activity`` for each of ``messages`` (ACTIVITY_MESSAGE structs of one read,
+        ``schemas.decode_activities``), in order, in one hold of the lock: stamped together and
+        encoded in one call, then delivered and forwarded as one write per connection. One that
+        fails the checks raises as ``client_activity`` would, after those before it are out."""
+        with self._locked:
+            name = session.username
+            anonymous = name == ANONYMOUS
+            count = 0
+            if session.logged_in:
+                for message in messages:
+                    if message.username != name or not (anonymous or same_secret(message.secret, session.secret)):
+                        break
+                    count += 1
+            if count:
+                self._stamp_and_publish([message.activity for message in messages[:count]], name)
+            if count < len(messages):
+                message = messages[count]
+                self._check_sender(session, message.username, message.secret)
+
+    def _check_sender(self, session, username, secret):
+        """Raise AuthenticationFail unless ``session`` may send an activity as ``username``."""
+        if not session.logged_in:
+            raise AuthenticationFail("ACTIVITY_MESSAGE before LOGIN: log in first")
+        if username != session.username:
+            raise AuthenticationFail(f"the username {username} is not the one logged in on "
+                                     f"this connection ({session.username})")
+        if username != ANONYMOUS and not same_secret(secret, session.secret):
+            raise AuthenticationFail(f"the secret does not match the one of user {username}")
+
+    def _stamp_and_publish(self, activities, username):
+        """Our own activities, sent by ``username``: numbered, stamped and published in order."""
+        origin, next_seq = self.origin, self._next_seq
+        seqs = [next_seq() for _ in activities]
+        ids = protocol.make_ids(origin, seqs, int(time.time() * 1000))
+        for activity in activities:
+            activity["authenticated_user"] = username
+        data = protocol.encode_lines(protocol.activity_broadcasts(activities, ids))
+        self._intake.sent_all(origin, seqs)
+        self.counters.activities_from_clients += len(ids)
+        self._publish_all(ids, data.splitlines(True), data, None, origin, seqs)
 
     def load(self):
         with self._locked:
@@ -352,31 +388,77 @@ class State:
         (``protocol.relayable_broadcast``): then it is not encoded again."""
         with self._locked:
             link = self._links.get(session)
+            now = time.monotonic()
             if link is not None:
-                link.peer_sent_activity(time.monotonic())
+                link.peer_sent_activity(now)
                 if link.peer_key is not None:
                     self._peers.heard(link.peer_key, activity_id)  # the store shares its dict
                     if link.foreign:  # it cannot de-duplicate: never send it back (recovery rule 5)
                         self._peers.sent_us(link.peer_key, activity_id)
-            parsed = protocol.parse_id(activity_id)
-            if parsed is None and activity_id in self._history:
-                self.counters.activities_deduplicated += 1
-                return False
-            duplicates = self._intake.duplicates
-            # held back while an earlier one of its sender is missing, so possibly none or several
-            items = self._intake.receive(activity_id, parsed, (activity, activity_id, parsed, session, received),
-                                         time.monotonic())
-            if self._intake.duplicates != duplicates:
-                self.counters.activities_deduplicated += 1
-                if self._store is not None:  # the peer mark changed: no activity wakes the writer
-                    self._store.poke()
-                return False
-            self.counters.activities_from_servers += 1
-            if link is not None and parsed is not None and parsed[2] < link.since * 1000:
-                self.counters.activities_recovered += 1  # sent before this link came up: its backlog
-            for item in items:
-                self._publish_item(item)
-            return bool(items)
+            published = self._take_from_server(session, link, activity, activity_id, received, now)
+            if published is None and self._store is not None:
+                self._store.poke()  # the peer mark changed: no activity wakes the writer
+            return bool(published)
+
+    def server_activities(self, session, messages, received):
+        """``server_activity`` for each of ``messages`` (ACTIVITY_BROADCAST structs of one read,
+        ``schemas.decode_activities``), received as the lines ``received`` (without their
+        "\\n"; none holds a "\\r"), which may be relayed unchanged, in order, in one hold of the
+        lock.
+
+        The usual case, a run of the next numbers of one origin of ours, all new and none held,
+        is judged and published as one (``dedup.Intake.receive_run``), delivered and forwarded
+        as one write per connection; anything else is taken one by one."""
+        with self._locked:
+            link = self._links.get(session)
+            now = time.monotonic()
+            count = len(messages)
+            ids = [message.id for message in messages]
+            if link is not None:
+                link.peer_sent_activity(now, count)
+                if link.peer_key is not None:
+                    self._peers.heard(link.peer_key, ids[-1])  # the store shares its dict
+                    if link.foreign:  # see server_activity
+                        for activity_id in ids:
+                            self._peers.sent_us(link.peer_key, activity_id)
+            run = protocol.parse_run(ids)
+            if run is not None:
+                origin, first, oldest = run
+                if (oldest / 1000 >= self._newest_login - self.clock_slack
+                        and self._intake.receive_run(origin, first, first + count - 1)):
+                    self.counters.activities_from_servers += count
+                    if link is not None and oldest < link.since * 1000:  # a backlog (see server_activity)
+                        self.counters.activities_recovered += sum(
+                            1 for activity_id in ids if protocol.parse_id(activity_id)[2] < link.since * 1000)
+                    lines = [line + b"\n" for line in received]
+                    self._publish_all(ids, lines, b"".join(lines), session, origin, range(first, first + count))
+                    return
+            duplicates = 0
+            for message, line in zip(messages, received):
+                if self._take_from_server(session, link, message.activity, message.id, line, now) is None:
+                    duplicates += 1
+            if duplicates and self._store is not None:
+                self._store.poke()  # see server_activity
+
+    def _take_from_server(self, session, link, activity, activity_id, received, now):
+        """De-duplicate, count and publish one activity from a neighbour; None for a copy of
+        one already seen, else whether it was published now (not held back)."""
+        parsed = protocol.parse_id(activity_id)
+        if parsed is None and activity_id in self._history:
+            self.counters.activities_deduplicated += 1
+            return None
+        duplicates = self._intake.duplicates
+        # held back while an earlier one of its sender is missing, so possibly none or several
+        items = self._intake.receive(activity_id, parsed, (activity, activity_id, parsed, session, received), now)
+        if self._intake.duplicates != duplicates:
+            self.counters.activities_deduplicated += 1
+            return None
+        self.counters.activities_from_servers += 1
+        if link is not None and parsed is not None and parsed[2] < link.since * 1000:
+            self.counters.activities_recovered += 1  # sent before this link came up: its backlog
+        for item in items:
+            self._publish_item(item)
+        return bool(items)
 
     # --- users across servers --------------------------------------------------------------
 
@@ -735,6 +817,32 @@ class State:
                 session.send(line)
                 link.activities_sent += 1
                 counters.activities_relayed += 1
+
+    def _publish_all(self, ids, lines, data, source, origin, seqs):
+        """``_publish`` of several activities of ``origin`` (numbered ``seqs``), in order, none
+        older than the newest login (less the clock slack): ``lines`` (each ending in "\\n")
+        and ``data``, the same joined. Every connection is sent ``data`` in one piece."""
+        history = self._history
+        store = self._store
+        if store is None:
+            for activity_id, line in zip(ids, lines):
+                history.add(activity_id, line)
+        else:
+            for activity_id, line, seq in zip(ids, lines, seqs):
+                history.add(activity_id, line)
+                store.add_activity(history.last_no, activity_id, line, origin, seq)
+        count = len(ids)
+        counters = self.counters
+        for client in self._clients:
+            client.messages_out += count
+            client.outbox.send(data)
+        counters.activities_delivered += count * len(self._clients)
+        for session, link in self._links.items():
+            if link.live and session is not source:
+                session.messages_out += count
+                session.outbox.send(data)
+                link.activities_sent += count
+                counters.activities_relayed += count
 
     def _to_links(self, line, exclude=None):
         for session in self._links:

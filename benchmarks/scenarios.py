@@ -20,7 +20,7 @@ from activitynet.client import Client, ClientError, LoginFailed
 
 from .cluster import HOST, BenchmarkError, Cluster, raise_open_files_limit
 from .report import Row, Target
-from .streams import Receiver, Tally, activity, percentile, totals
+from .streams import ActivityLines, Receiver, Tally, activity, percentile, totals
 
 WAIT = 120.0  # the longest any one wait of a scenario may take before it is a failure
 BATCH = 500  # activities per send_activities call when sending as fast as possible
@@ -213,6 +213,7 @@ def send_stream(sender, start, stop, tallies=None, window=None, batch=BATCH, pro
     ``tallies``: the throughput measured is then what the servers sustain, not how much their
     outboxes can swallow before a slow consumer is cut off."""
     deadline = time.monotonic() + WAIT
+    lines = ActivityLines(sender.username, sender.secret)
     n = start
     while n < stop:
         if window is not None:
@@ -222,7 +223,7 @@ def send_stream(sender, start, stop, tallies=None, window=None, batch=BATCH, pro
                 time.sleep(0.001)
         end = min(stop, n + batch)
         now = time.perf_counter()
-        sender.send_activities([activity(i, now) for i in range(n, end)])
+        sender.sock.sendall(lines(n, end, now))
         n = end
         if progress is not None and tallies:
             progress.update(f"sent {n - start:,} of {stop - start:,}, "
