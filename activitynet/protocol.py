@@ -351,7 +351,7 @@ def activity_retrieve(after, marks=None, held=None, lineage=None, alone=False):
     """ACTIVITY_RETRIEVE; ``marks`` (origin -> end of the first run held), ``held`` (origin ->
     runs held above it), the dialler's ``lineage`` and ``alone`` are our optional extensions."""
     message = {"command": "ACTIVITY_RETRIEVE", "after": after}
-    if marks:
+    if marks is not None:  # even empty: it says we de-duplicate (recovery rule 5)
         message["marks"] = marks
     if held:
         message["held"] = held

@@ -70,6 +70,7 @@ on it and forward new activities before the acceptor's ACTIVITY_RETRIEVE asked f
 the acceptor then dropped the whole backlog as already seen (issue 14).
 """
 
+import collections
 import enum
 import time
 
@@ -268,10 +269,12 @@ class PeerMemory:
     def sent_us(self, peer_key, activity_id):
         ids = self._sent.get(peer_key)
         if ids is None:
-            ids = self._sent[peer_key] = {}
+            # OrderedDict: dropping the oldest is O(1); a plain dict's next(iter()) walks the
+            # slots its earlier deletions left empty, so a long stream made it quadratic.
+            ids = self._sent[peer_key] = collections.OrderedDict()
         ids[activity_id] = True
         if len(ids) > self._bound:
-            del ids[next(iter(ids))]
+            ids.popitem(last=False)
 
     def sent_by(self, peer_key):
         """The ids ``peer_key`` sent us (a live view: test membership only)."""

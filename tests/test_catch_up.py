@@ -124,6 +124,17 @@ def test_a_dialler_of_ours_asking_without_marks_is_answered_at_once_and_not_take
     assert not link.foreign
 
 
+def test_a_fresh_acceptor_of_ours_sends_empty_marks_and_is_not_taken_for_foreign():
+    """Our acceptor asks with ``marks`` even when it holds nothing yet (``{}``): the dialler can
+    tell it from the Java acceptor, which never asks, or asks without marks."""
+    message = protocol.decode(protocol.encode(protocol.activity_retrieve("", {})))
+    assert message["marks"] == {}
+    link = recovery.Link.dialled("127.0.0.1:5000", start_no=0, now=0.0)
+    link.open()
+    assert link.peer_asked(message["after"], message.get("marks")) == (recovery.Step.ANSWER,)
+    assert not link.foreign
+
+
 # --- a State's worker racing live traffic -------------------------------------------------------
 
 class ThreadedState:
