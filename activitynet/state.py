@@ -394,8 +394,6 @@ class State:
                                          time.monotonic())
             if self._intake.duplicates != duplicates:
                 self.counters.activities_deduplicated += 1
-                if self._store is not None:  # the peer mark changed: no activity wakes the writer
-                    self._store.poke()
                 return False
             self.counters.activities_from_servers += 1
             if link is not None and parsed is not None and parsed[2] < link.since * 1000:
@@ -639,7 +637,7 @@ class State:
         ``origin`` and ``seq`` (of our ids) are for the data store."""
         self._history.add(activity_id, line)
         if self._store is not None:
-            self._store.add_activity(self._history.last_no, activity_id, line, origin, seq)
+            self._store.record((self._history.last_no, activity_id, origin, seq, line))  # a C call
         # The hot loop: a session's send inlined (count, queue), one frame less per delivery.
         counters = self.counters
         if sent is None or sent >= self._newest_login - self.clock_slack:
