@@ -67,7 +67,6 @@ import fcntl
 import itertools
 import json
 import logging
-import operator
 import os
 import sqlite3
 import threading
@@ -434,7 +433,10 @@ class Store:
             self._drained_position = last
             if last > self._last_position:
                 self._last_position = last  # the end of what ``missing`` may read
-            batch.activities += taken
+            if batch.activities:
+                batch.activities += taken
+            else:
+                batch.activities = taken
 
     def _write(self, batch):
         peer_marks = self._peer_marks.copy()  # one C call: atomic against writers
@@ -505,33 +507,39 @@ class Store:
         return origin_nos
 
     def _insert_activities(self, db, activities, origin_nos):
-        for origin in {entry[2] for entry in activities} - origin_nos.keys() - {None}:
-            origin_nos[origin] = db.execute(
-                "INSERT INTO origins (origin, high, first_pos, last_pos) VALUES (?, 0, ?, 0)",
-                (origin, next(entry[0] for entry in activities if entry[2] == origin))).lastrowid
-        number_of = {**origin_nos, None: FOREIGN}.__getitem__
         highs = {}  # origin number -> highest seq in this batch
-        # Per activity only C loops (map, itemgetter, array, join): this runs for every activity.
+        # Per activity only C loops (zip, array, join, min, max): this runs for every activity.
         for start in range(0, len(activities), SEGMENT_MAX):
-            part = activities[start:start + SEGMENT_MAX]
-            ids = list(map(_ID, part))
-            origins = list(map(_ORIGIN, part))
-            seqs = list(map(_SEQ, part))
-            lines = list(map(_LINE, part))
+            part = activities[start:start + SEGMENT_MAX] if len(activities) > SEGMENT_MAX else activities
+            _positions, ids, origins, seqs, lines = zip(*part)
+            new = ({origins[0]} if origins[0] not in origin_nos else set()) | set(origins[1:])
+            for origin in sorted(new - origin_nos.keys() - {None}):  # (set: C, not per activity)
+                origin_nos[origin] = db.execute(
+                    "INSERT INTO origins (origin, high, first_pos, last_pos) VALUES (?, 0, ?, 0)",
+                    (origin, part[origins.index(origin)][0])).lastrowid
+            number_of = {**origin_nos, None: FOREIGN}.__getitem__
             if origins.count(origins[0]) == len(part):  # one origin: the common case
-                numbers = array(_INT32, [number_of(origins[0])]) * len(part)
+                number = number_of(origins[0])
+                numbers = array(_INT32, [number]) * len(part)
+                foreign = len(part) if number == FOREIGN else 0
+                ranges = {number: [min(seqs), max(seqs)]} if number != FOREIGN else {}
             else:
                 numbers = array(_INT32, map(number_of, origins))
-            foreign = numbers.count(FOREIGN)
+                foreign = numbers.count(FOREIGN)
+                ranges = None
             if foreign:
                 seqs = [0 if seq is None else seq for seq in seqs]
                 ids_json = _json(ids)
             else:  # our ids need no escaping (protocol's _OWN_ID): as json.dumps would write them
                 ids_json = '["' + '","'.join(ids) + '"]'
-            ranges = _ranges(numbers, seqs)
+            if ranges is None:
+                ranges = _ranges(numbers, seqs)
+            first, last = part[0][0], part[-1][0]
+            positions = (range(first, last + 1) if last - first + 1 == len(part)  # no drops
+                         else _positions)
             db.execute("INSERT INTO segments VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                       (part[-1][0], part[0][0], len(part), foreign, _json(ranges),
-                        array(_INT64, map(_POSITION, part)), numbers, array(_INT64, seqs),
+                       (last, first, len(part), foreign, _json(ranges),
+                        array(_INT64, positions), numbers, array(_INT64, seqs),
                         array(_INT32, map(len, lines)), ids_json, b"".join(lines)))
             for number, (_low, high) in ranges.items():
                 highs[number] = max(high, highs.get(number, 0))
@@ -788,8 +796,6 @@ def _text(blob):
 
 
 _INT32, _INT64 = "i", "q"
-# the fields of a recorded activity (``Store.record``)
-_POSITION, _ID, _ORIGIN, _SEQ, _LINE = map(operator.itemgetter, range(5))
 assert array(_INT32).itemsize == 4 and array(_INT64).itemsize == 8
 
 
