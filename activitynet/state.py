@@ -514,6 +514,9 @@ class State:
         loaded = store.load(history_size)
         self.origin = loaded.origin
         self._next_seq = store.next_seq
+        if store.first_seq > 1:  # peers must not hold our activities for the numbers skipped
+            self.resumes = (self.origin, store.first_seq)
+            self.netmap.set_own(None, [], self.lineage, self.monitor, self.resumes)  # in our first map
         self._users = DurableUsers(store, loaded.users, loaded.blocked)
         self._history = History(history_size, _gap_free_tail(loaded.history), loaded.last_position)
         self._intake.restore(loaded.marks)

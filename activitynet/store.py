@@ -276,6 +276,7 @@ class Store:
         self._sync_now = synchronous  # the writer connection's PRAGMA synchronous
         self._last_sync = time.monotonic()  # of the last commit that fsynced the WAL
         self.origin, first_seq = self._claim_sequence()
+        self.first_seq = first_seq  # of this run: above the reservation of the previous one
         self._seqs = itertools.count(first_seq)
         self._last_seq = first_seq - 1
         self._extend_at = self._reserved - SEQ_BLOCK // 2
