@@ -7,18 +7,20 @@ number stored per origin, and per-peer bookkeeping for recovery.
 
 Never on the relay's critical path
 ----------------------------------
-The recording verbs (``add_user``, ``block_name``, ``add_activity``, ``set_peer_mark``,
-``next_seq``) are called by the server under its state lock, so they do no I/O: each appends to
-an in-memory queue (or sets a dict item) in O(1). One writer thread drains the queue and commits
-everything it found in one transaction (group commit). It waits ``GATHER_S`` for more work
-before committing, unless a registration is waiting, so an activity is committed within about
-``GATHER_S`` plus two commit times of its arrival (under 100 ms), and a registration within
-one or two commit times. ``add_user`` returns a ``Ticket``: the server waits on it *outside* the
-lock and sends REGISTER_SUCCESS only once the user is committed.
+The recording verbs (``record``, ``add_user``, ``block_name``, ``set_peer_mark``, ``next_seq``)
+are called by the server under its state lock, so they do no I/O: each appends to an in-memory
+queue (or sets a dict item) in O(1). ``record``, the one call per relayed activity, is the
+activity queue's own ``append`` (a C call: nothing else runs for it on the relay's side). One
+writer thread looks at the queues every ``GATHER_S`` (at once when a registration or a flush
+waits) and commits everything it found in one transaction (group commit), so an activity is
+committed within about ``GATHER_S`` plus two commit times of its arrival (under 100 ms), and a
+registration within one or two commit times. ``add_user`` returns a ``Ticket``: the server
+waits on it *outside* the lock and sends REGISTER_SUCCESS only once the user is committed.
 
-Activities are stored a commit at a time, as segments (see ``_SCHEMA_1``): the writer costs
-2-4 us of CPU per activity here (pruning included; about 1 us of it holds the GIL), where a row
-per activity cost 5-7 us and a GIL hand-over per row (``python -m benchmarks.store_bench``).
+Activities are stored a commit at a time, as segments (see ``_SCHEMA_1``), built with C loops
+only (zip, array, join), in 64 KiB pages: here the writer costs about 1.1-1.5 us of CPU per
+activity at 60,000/s, where a row per activity cost 5-7 us and a GIL hand-over per row. Most of
+it is SQLite copying the bytes (into the WAL, then into the database at each checkpoint).
 
 Reads (``load`` at start-up, ``position_of`` and ``missing`` for recovery) open their own
 connection: under WAL they never block the writer, nor it them. ``missing`` reads in chunks, each
@@ -28,31 +30,42 @@ How the server uses it (issue 10): ``Store.open(dir, disk_history)`` at start-up
 ``load(history)`` to seed the user directory, blocked names, history, de-duplication marks and
 per-peer marks (``State._restore``); ``next_seq()`` for every own id; under the state lock
 ``add_user`` (``users.DurableUsers``; the connection's reader thread sends REGISTER_SUCCESS once
-the ticket is settled, ``State.send_held``), ``block_name``, ``add_activity`` with the history
-position, ``set_peer_mark``; outside it ``missing(marks, after, below=first position in memory)``
+the ticket is settled, ``State.send_held``), ``block_name``, ``record`` with the history
+position (``State._publish``), the peer marks through a shared dict (``share_peer_marks``); outside it ``missing(marks, after, below=first position in memory)``
 to refill a peer from disk before the in-memory part (``State.peer_asked``); ``status()`` for
 health checks (``Server.store_status``); ``close()`` after the last connection.
 
-What a crash can lose (journal_mode=WAL, synchronous=FULL)
-----------------------------------------------------------
+What a crash can lose (journal_mode=WAL; synchronous FULL or NORMAL, chosen per commit)
+---------------------------------------------------------------------------------------
+A commit is written to the WAL before it returns; under synchronous=FULL SQLite also fsyncs the
+WAL (and with it every earlier commit), under NORMAL it leaves the bytes in the OS's page cache
+(fsynced at the next FULL commit or checkpoint). The writer commits with FULL whatever someone
+waits for or must never lose: a registration or learned user, a flush, a blocked name, the
+sequence reservation; and any commit made ``SYNC_EVERY_S`` (1 s) or more after the last fsync.
+Other commits (activities and peer marks only) use NORMAL: that saves an fsync per group commit.
 - ``kill -9`` of the server: only what was not yet committed, i.e. activities that arrived in the
   last ~100 ms (on restart the per-origin marks are exactly what was committed, so the recovery
   routine asks the peers for the rest), the latest peer marks and pending learned users (SYNC_USER
-  brings them back). Never an acknowledged registration: REGISTER_SUCCESS waits for the commit.
-- A power cut or kernel crash: the same. synchronous=FULL makes every commit fsync the WAL, so a
-  commit that returned survives the power cut too. (synchronous=NORMAL would fsync only at
-  checkpoints: a power cut could then roll back the last commits, acknowledged registrations
-  included. FULL costs one fsync per group commit, which grouping amortises: see
-  ``benchmarks/store_bench.py`` for both figures.)
+  brings them back). A NORMAL commit survives it: its bytes are in the page cache, which the
+  kernel writes out anyway. Never an acknowledged registration: REGISTER_SUCCESS waits for the
+  commit, and that commit is fsynced.
+- A power cut or kernel crash: the same, and also the activities and peer marks of the NORMAL
+  commits since the last fsync, all made within ``SYNC_EVERY_S`` of it: at most about the last
+  second of activities (the per-origin marks roll back with them, so recovery asks the peers
+  for those too). Never a registration, learned user or blocked name that was committed, nor the
+  reservation: their commits are fsynced. The database itself is never damaged (WAL
+  checksums: a torn commit is rolled back whole).
 - Sequence numbers are never reused: the database holds a reservation ``SEQ_BLOCK`` ahead of the
   numbers handed out (refreshed by the writer), and a restart starts above it. Ids lost in a crash
-  leave a gap in that origin's sequence, which peers' de-duplication accepts (a peer that holds
-  activities back until a sender's gap fills waits out its hold time once per restart).
+  leave a gap in that origin's sequence, which peers' de-duplication accepts; ``first_seq`` (the
+  first number of this run) goes into our network-map entry as "resumes", so peers do not hold
+  our activities back waiting for the numbers skipped.
 - A failing disk (full, read-only, I/O error) loses durability, not service: the writer logs it
-  loudly (once, then every ``LOG_EVERY_S``), keeps at most ``max_queue`` entries queued (writes
-  beyond are refused and counted) and at most ``max_queue`` in its batch for the retry (the
-  oldest activities dropped first), fails waiting registrations (``Ticket.wait`` raises
-  ``StoreError``), retries every ``retry_s`` and says so in ``status()``. Until it recovers, the
+  loudly (once, then every ``LOG_EVERY_S``), keeps at most ``max_queue`` entries in each queue
+  (the activity queue then drops its oldest, other writes are refused; all counted) and at most
+  ``max_queue`` in its batch for the retry (the oldest activities dropped first), fails waiting
+  registrations (``Ticket.wait`` raises ``StoreError``), retries every ``retry_s`` and says so
+  in ``status()``. Until it recovers, the
   sequence reservation is not refreshed either: a server that hands out more than ``SEQ_BLOCK/2``
   ids on a failing disk and then restarts on a healed one can reuse ids.
 
@@ -275,6 +288,7 @@ class Store:
         self._drained_position = self._last_position  # the last position the writer took (writer only)
         self._sync_now = synchronous  # the writer connection's PRAGMA synchronous
         self._last_sync = time.monotonic()  # of the last commit that fsynced the WAL
+        self._unsynced = False  # a commit since then was not fsynced
         self.origin, first_seq = self._claim_sequence()
         self.first_seq = first_seq  # of this run: above the reservation of the previous one
         self._seqs = itertools.count(first_seq)
@@ -443,7 +457,9 @@ class Store:
         peer_marks = self._peer_marks.copy()  # one C call: atomic against writers
         changed = [(k, v) for k, v in peer_marks.items() if self._stored_peer_marks.get(k) != v]
         reserve = self._last_seq + SEQ_BLOCK if self._last_seq > self._extend_at else None
-        if not (batch or changed or reserve):
+        # commits left without fsync by a stream that then stopped: fsynced SYNC_EVERY_S on
+        sync_due = self._unsynced and time.monotonic() - self._last_sync >= SYNC_EVERY_S
+        if not (batch or changed or reserve or sync_due):
             return
         try:
             if self._failure is not None:  # a fresh connection after a failure
@@ -503,8 +519,12 @@ class Store:
                                [(_blob(key), _blob(value)) for key, value in peer_marks])
             if reserve is not None:
                 db.execute("UPDATE meta SET value = ? WHERE key = 'seq_reserved'", (reserve,))
+            if not (batch or peer_marks or reserve):  # only the fsync is due: write a row for it
+                db.execute("INSERT OR REPLACE INTO meta VALUES ('synced_at', ?)", (time.time(),))
         if sync == self._synchronous:
-            self._last_sync = now
+            self._last_sync, self._unsynced = now, False
+        else:
+            self._unsynced = True
         return origin_nos
 
     def _insert_activities(self, db, activities, origin_nos):
