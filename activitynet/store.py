@@ -18,7 +18,7 @@ registration within one or two commit times. ``add_user`` returns a ``Ticket``: 
 waits on it *outside* the lock and sends REGISTER_SUCCESS only once the user is committed.
 
 Activities are stored a commit at a time, as segments (see ``_SCHEMA_1``), built with C loops
-only (zip, array, join), in 64 KiB pages: here the writer costs about 1.1-1.5 us of CPU per
+only (zip, array, join), in 16 KiB pages: here the writer costs about 1.1-1.5 us of CPU per
 activity at 60,000/s, where a row per activity cost 5-7 us and a GIL hand-over per row. Most of
 it is SQLite copying the bytes (into the WAL, then into the database at each checkpoint).
 
@@ -104,7 +104,8 @@ MAX_QUEUE = 250_000  # entries waiting for the disk, at most (about 300 bytes ea
 RETRY_S = 1.0  # a failing disk is retried this often
 LOG_EVERY_S = 30.0  # and reported this often while it fails
 SEGMENT_MAX = 2048  # activities per stored segment, at most (and per chunk read for recovery)
-PAGE_SIZE = 65536  # of a new database: half the CPU per stored byte of 4 KiB pages
+PAGE_SIZE = 16384  # of a new database: SQLite costs less CPU per byte than with 4 KiB (larger
+# pages cost more per commit: each commit rewrites a few small tables' pages too)
 WAL_CHECKPOINT_BYTES = 16 << 20  # the WAL is copied into the database this often
 
 FOREIGN = 0  # origin number of activities whose ids are not ours (opaque; their seq is null)
