@@ -33,10 +33,11 @@ How the server uses it (issue 10): ``Store.open(dir, disk_history)`` at start-up
 ``load(history)`` to seed the user directory, blocked names, history, de-duplication marks and
 per-peer marks (``State._restore``); ``next_seq()`` for every own id; under the state lock
 ``add_user`` (``users.DurableUsers``; the connection's reader thread sends REGISTER_SUCCESS once
-the ticket is settled, ``State.send_held``), ``block_name``, ``record`` with the history
-position (``State._publish``), the peer marks through a shared dict (``share_peer_marks``); outside it ``missing(marks, after, below=first position in memory)``
-to refill a peer from disk before the in-memory part (``State.peer_asked``); ``status()`` for
-health checks (``Server.store_status``); ``close()`` after the last connection.
+the ticket is settled, ``State.send_held``), ``block_name``, ``record`` with the history position
+(``State._publish``), the peer marks through a shared dict (``share_peer_marks``); outside it
+``missing(marks, after, below=first position in memory)`` to refill a peer from disk before the
+in-memory part (``State.peer_asked``); ``status()`` for health checks (``Server.store_status``);
+``close()`` after the last connection.
 
 What a crash can lose (journal_mode=WAL; synchronous FULL or NORMAL, chosen per commit)
 ---------------------------------------------------------------------------------------
@@ -68,9 +69,9 @@ Other commits (activities and peer marks only) use NORMAL: that saves an fsync p
   (the activity queue then drops its oldest, other writes are refused; all counted) and at most
   ``max_queue`` in its batch for the retry (the oldest activities dropped first), fails waiting
   registrations (``Ticket.wait`` raises ``StoreError``), retries every ``retry_s`` and says so
-  in ``status()``. Until it recovers, the
-  sequence reservation is not refreshed either: a server that hands out more than ``SEQ_BLOCK/2``
-  ids on a failing disk and then restarts on a healed one can reuse ids.
+  in ``status()``. Until it recovers, the sequence reservation is not refreshed either: a
+  server that hands out more than ``SEQ_BLOCK/2`` ids on a failing disk and then restarts on a
+  healed one can reuse ids.
 
 A data directory belongs to one server at a time (``flock`` on its lock file). A database file
 that is not ours (not SQLite, or SQLite without our ``application_id``) or from a newer schema
@@ -289,7 +290,7 @@ class Store:
         self._writer_cpu = 0.0  # CPU seconds the writer thread has used
         self._origin_nos = dict(db.execute("SELECT origin, no FROM origins"))
         self._last_position = db.execute("SELECT coalesce(max(last_pos), 0) FROM segments").fetchone()[0]
-        self._drained_position = self._last_position  # the last position the writer took (writer only)
+        self._drained_position = self._last_position  # the last one the writer took (writer only)
         self._sync_now = synchronous  # the writer connection's PRAGMA synchronous
         self._last_sync = time.monotonic()  # of the last commit that fsynced the WAL
         self._unsynced = False  # a commit since then was not fsynced
@@ -535,10 +536,10 @@ class Store:
         highs = {}  # origin number -> highest seq in this batch
         # Per activity only C loops (zip, array, join, min, max): this runs for every activity.
         for start in range(0, len(activities), SEGMENT_MAX):
-            part = activities[start:start + SEGMENT_MAX] if len(activities) > SEGMENT_MAX else activities
+            part = (activities if len(activities) <= SEGMENT_MAX  # (no copy in the common case)
+                    else activities[start:start + SEGMENT_MAX])
             _positions, ids, origins, seqs, lines = zip(*part)
-            new = ({origins[0]} if origins[0] not in origin_nos else set()) | set(origins[1:])
-            for origin in sorted(new - origin_nos.keys() - {None}):  # (set: C, not per activity)
+            for origin in sorted(set(origins) - origin_nos.keys() - {None}):
                 origin_nos[origin] = db.execute(
                     "INSERT INTO origins (origin, high, first_pos, last_pos) VALUES (?, 0, ?, 0)",
                     (origin, part[origins.index(origin)][0])).lastrowid
