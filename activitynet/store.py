@@ -19,9 +19,9 @@ waits on it *outside* the lock and sends REGISTER_SUCCESS only once the user is 
 
 Activities are stored a commit at a time, as segments (see ``_SCHEMA_1``), built with C loops
 only (zip, array, join), in 16 KiB pages. The writer thread costs about 1.1-2 us of CPU per
-activity at 30,000-60,000/s on this 2-core machine (1.9-2.3 us inside a server under the
-durable-chain benchmark on a loaded machine, where it was 2.4-3.4 before this layout; a row
-per activity cost 5-7 us). About half is SQLite writing the bytes (into the WAL, and again into
+activity at 30,000-60,000/s on this 2-core machine: 1.35-1.45 us inside a server under the
+durable-chain benchmark on a quiet machine (2.0-2.25 us before this layout; a row per activity
+cost 5-7 us), 1.9-2.3 us on a loaded one. About half is SQLite writing the bytes (into the WAL, and again into
 the database at each checkpoint), the rest reading each activity's objects back from memory
 (the CPU caches have long lost them) to build the segment, and each commit's fixed cost.
 
