@@ -395,10 +395,7 @@ class State:
                     self._peers.heard(link.peer_key, activity_id)  # the store shares its dict
                     if link.foreign:  # it cannot de-duplicate: never send it back (recovery rule 5)
                         self._peers.sent_us(link.peer_key, activity_id)
-            published = self._take_from_server(session, link, activity, activity_id, received, now)
-            if published is None and self._store is not None:
-                self._store.poke()  # the peer mark changed: no activity wakes the writer
-            return bool(published)
+            return bool(self._take_from_server(session, link, activity, activity_id, received, now))
 
     def server_activities(self, session, messages, received):
         """``server_activity`` for each of ``messages`` (ACTIVITY_BROADCAST structs of one read,
@@ -433,12 +430,8 @@ class State:
                     lines = [line + b"\n" for line in received]
                     self._publish_all(ids, lines, b"".join(lines), session, origin, range(first, first + count))
                     return
-            duplicates = 0
             for message, line in zip(messages, received):
-                if self._take_from_server(session, link, message.activity, message.id, line, now) is None:
-                    duplicates += 1
-            if duplicates and self._store is not None:
-                self._store.poke()  # see server_activity
+                self._take_from_server(session, link, message.activity, message.id, line, now)
 
     def _take_from_server(self, session, link, activity, activity_id, received, now):
         """De-duplicate, count and publish one activity from a neighbour; None for a copy of
@@ -572,6 +565,9 @@ class State:
         loaded = store.load(history_size)
         self.origin = loaded.origin
         self._next_seq = store.next_seq
+        if store.first_seq > 1:  # peers must not hold our activities for the numbers skipped
+            self.resumes = (self.origin, store.first_seq)
+            self.netmap.set_own(None, [], self.lineage, self.monitor, self.resumes)  # in our first map
         self._users = DurableUsers(store, loaded.users, loaded.blocked)
         self._history = History(history_size, _gap_free_tail(loaded.history), loaded.last_position)
         self._intake.restore(loaded.marks)
@@ -798,7 +794,7 @@ class State:
         ``origin`` and ``seq`` (of our ids) are for the data store."""
         self._history.add(activity_id, line)
         if self._store is not None:
-            self._store.add_activity(self._history.last_no, activity_id, line, origin, seq)
+            self._store.record((self._history.last_no, activity_id, origin, seq, line))  # a C call
         # The hot loop: a session's send inlined (count, queue), one frame less per delivery.
         counters = self.counters
         if sent is None or sent >= self._newest_login - self.clock_slack:
@@ -828,9 +824,10 @@ class State:
             for activity_id, line in zip(ids, lines):
                 history.add(activity_id, line)
         else:
+            record = store.record  # see _publish
             for activity_id, line, seq in zip(ids, lines, seqs):
                 history.add(activity_id, line)
-                store.add_activity(history.last_no, activity_id, line, origin, seq)
+                record((history.last_no, activity_id, origin, seq, line))
         count = len(ids)
         counters = self.counters
         for client in self._clients:

@@ -7,18 +7,23 @@ number stored per origin, and per-peer bookkeeping for recovery.
 
 Never on the relay's critical path
 ----------------------------------
-The recording verbs (``add_user``, ``block_name``, ``add_activity``, ``set_peer_mark``,
-``next_seq``) are called by the server under its state lock, so they do no I/O: each appends to
-an in-memory queue (or sets a dict item) in O(1). One writer thread drains the queue and commits
-everything it found in one transaction (group commit). It waits ``GATHER_S`` for more work
-before committing, unless a registration is waiting, so an activity is committed within about
-``GATHER_S`` plus two commit times of its arrival (under 100 ms), and a registration within
-one or two commit times. ``add_user`` returns a ``Ticket``: the server waits on it *outside* the
-lock and sends REGISTER_SUCCESS only once the user is committed.
+The recording verbs (``record``, ``add_user``, ``block_name``, ``set_peer_mark``, ``next_seq``)
+are called by the server under its state lock, so they do no I/O: each appends to an in-memory
+queue (or sets a dict item) in O(1). ``record``, the one call per relayed activity, is the
+activity queue's own ``append`` (a C call: nothing else runs for it on the relay's side). One
+writer thread looks at the queues every ``GATHER_S`` (at once when a registration or a flush
+waits) and commits everything it found in one transaction (group commit), so an activity is
+committed within about ``GATHER_S`` plus two commit times of its arrival (under 100 ms), and a
+registration within one or two commit times. ``add_user`` returns a ``Ticket``: the server
+waits on it *outside* the lock and sends REGISTER_SUCCESS only once the user is committed.
 
-Activities are stored a commit at a time, as segments (see ``_SCHEMA_1``): the writer costs
-2-4 us of CPU per activity here (pruning included; about 1 us of it holds the GIL), where a row
-per activity cost 5-7 us and a GIL hand-over per row (``python -m benchmarks.store_bench``).
+Activities are stored a commit at a time, as segments (see ``_SCHEMA_1``), built with C loops
+only (zip, array, join), in 16 KiB pages. The writer thread costs about 1.1-2 us of CPU per
+activity at 30,000-60,000/s on this 2-core machine: 1.35-1.45 us inside a server under the
+durable-chain benchmark on a quiet machine (2.0-2.25 us before this layout; a row per activity
+cost 5-7 us), 1.9-2.3 us on a loaded one. About half is SQLite writing the bytes (into the WAL, and again into
+the database at each checkpoint), the rest reading each activity's objects back from memory
+(the CPU caches have long lost them) to build the segment, and each commit's fixed cost.
 
 Reads (``load`` at start-up, ``position_of`` and ``missing`` for recovery) open their own
 connection: under WAL they never block the writer, nor it them. ``missing`` reads in chunks, each
@@ -28,33 +33,45 @@ How the server uses it (issue 10): ``Store.open(dir, disk_history)`` at start-up
 ``load(history)`` to seed the user directory, blocked names, history, de-duplication marks and
 per-peer marks (``State._restore``); ``next_seq()`` for every own id; under the state lock
 ``add_user`` (``users.DurableUsers``; the connection's reader thread sends REGISTER_SUCCESS once
-the ticket is settled, ``State.send_held``), ``block_name``, ``add_activity`` with the history
-position, ``set_peer_mark``; outside it ``missing(marks, after, below=first position in memory)``
-to refill a peer from disk before the in-memory part (``State.peer_asked``); ``status()`` for
-health checks (``Server.store_status``); ``close()`` after the last connection.
+the ticket is settled, ``State.send_held``), ``block_name``, ``record`` with the history position
+(``State._publish``), the peer marks through a shared dict (``share_peer_marks``); outside it
+``missing(marks, after, below=first position in memory)`` to refill a peer from disk before the
+in-memory part (``State.peer_asked``); ``status()`` for health checks (``Server.store_status``);
+``close()`` after the last connection.
 
-What a crash can lose (journal_mode=WAL, synchronous=FULL)
-----------------------------------------------------------
+What a crash can lose (journal_mode=WAL; synchronous FULL or NORMAL, chosen per commit)
+---------------------------------------------------------------------------------------
+A commit is written to the WAL before it returns; under synchronous=FULL SQLite also fsyncs the
+WAL (and with it every earlier commit), under NORMAL it leaves the bytes in the OS's page cache
+(fsynced at the next FULL commit or checkpoint). The writer commits with FULL whatever someone
+waits for or must never lose: a registration or learned user, a flush, a blocked name, the
+sequence reservation; and any commit made ``SYNC_EVERY_S`` (1 s) or more after the last fsync.
+Other commits (activities and peer marks only) use NORMAL: that saves an fsync per group commit.
 - ``kill -9`` of the server: only what was not yet committed, i.e. activities that arrived in the
   last ~100 ms (on restart the per-origin marks are exactly what was committed, so the recovery
   routine asks the peers for the rest), the latest peer marks and pending learned users (SYNC_USER
-  brings them back). Never an acknowledged registration: REGISTER_SUCCESS waits for the commit.
-- A power cut or kernel crash: the same. synchronous=FULL makes every commit fsync the WAL, so a
-  commit that returned survives the power cut too. (synchronous=NORMAL would fsync only at
-  checkpoints: a power cut could then roll back the last commits, acknowledged registrations
-  included. FULL costs one fsync per group commit, which grouping amortises: see
-  ``benchmarks/store_bench.py`` for both figures.)
+  brings them back). A NORMAL commit survives it: its bytes are in the page cache, which the
+  kernel writes out anyway. Never an acknowledged registration: REGISTER_SUCCESS waits for the
+  commit, and that commit is fsynced.
+- A power cut or kernel crash: the same, and also the activities and peer marks of the NORMAL
+  commits since the last fsync, all made within ``SYNC_EVERY_S`` of it: at most about the last
+  second of activities (the per-origin marks roll back with them, so recovery asks the peers
+  for those too). Never a registration, learned user or blocked name that was committed, nor the
+  reservation: their commits are fsynced. The database itself is never damaged (WAL
+  checksums: a torn commit is rolled back whole).
 - Sequence numbers are never reused: the database holds a reservation ``SEQ_BLOCK`` ahead of the
   numbers handed out (refreshed by the writer), and a restart starts above it. Ids lost in a crash
-  leave a gap in that origin's sequence, which peers' de-duplication accepts (a peer that holds
-  activities back until a sender's gap fills waits out its hold time once per restart).
+  leave a gap in that origin's sequence, which peers' de-duplication accepts; ``first_seq`` (the
+  first number of this run) goes into our network-map entry as "resumes", so peers do not hold
+  our activities back waiting for the numbers skipped.
 - A failing disk (full, read-only, I/O error) loses durability, not service: the writer logs it
-  loudly (once, then every ``LOG_EVERY_S``), keeps at most ``max_queue`` entries queued (writes
-  beyond are refused and counted) and at most ``max_queue`` in its batch for the retry (the
-  oldest activities dropped first), fails waiting registrations (``Ticket.wait`` raises
-  ``StoreError``), retries every ``retry_s`` and says so in ``status()``. Until it recovers, the
-  sequence reservation is not refreshed either: a server that hands out more than ``SEQ_BLOCK/2``
-  ids on a failing disk and then restarts on a healed one can reuse ids.
+  loudly (once, then every ``LOG_EVERY_S``), keeps at most ``max_queue`` entries in each queue
+  (the activity queue then drops its oldest, other writes are refused; all counted) and at most
+  ``max_queue`` in its batch for the retry (the oldest activities dropped first), fails waiting
+  registrations (``Ticket.wait`` raises ``StoreError``), retries every ``retry_s`` and says so
+  in ``status()``. Until it recovers, the sequence reservation is not refreshed either: a
+  server that hands out more than ``SEQ_BLOCK/2`` ids on a failing disk and then restarts on a
+  healed one can reuse ids.
 
 A data directory belongs to one server at a time (``flock`` on its lock file). A database file
 that is not ours (not SQLite, or SQLite without our ``application_id``) or from a newer schema
@@ -83,15 +100,17 @@ DB_NAME = "activitynet.sqlite3"
 LOCK_NAME = "activitynet.lock"
 APPLICATION_ID = 0x616E6574  # b"anet": PRAGMA application_id, how we recognise our file
 SQLITE_MAGIC = b"SQLite format 3\x00"
-SYNCHRONOUS = "FULL"  # see the module docstring
+SYNCHRONOUS = "FULL"  # for registrations, blocked names, the reservation (module docstring)
+SYNC_EVERY_S = 1.0  # activity-only commits skip the fsync unless the last one is this old
 SEQ_BLOCK = 1_000_000  # sequence numbers reserved ahead of those handed out
-GATHER_S = 0.05  # how long the writer lets activities gather before a commit (each costs ~1 ms CPU)
+GATHER_S = 0.05  # the writer looks for work this often, and commits what it found at once
 MAX_QUEUE = 250_000  # entries waiting for the disk, at most (about 300 bytes each)
 RETRY_S = 1.0  # a failing disk is retried this often
 LOG_EVERY_S = 30.0  # and reported this often while it fails
 SEGMENT_MAX = 2048  # activities per stored segment, at most (and per chunk read for recovery)
-PAGE_SIZE = 4096
-WAL_AUTOCHECKPOINT = 4096  # pages (16 MiB): fewer, larger checkpoints under a stream
+PAGE_SIZE = 16384  # of a new database: SQLite costs less CPU per byte than with 4 KiB (larger
+# pages cost more per commit: each commit rewrites a few small tables' pages too)
+WAL_CHECKPOINT_BYTES = 16 << 20  # the WAL is copied into the database this often
 
 FOREIGN = 0  # origin number of activities whose ids are not ours (opaque; their seq is null)
 
@@ -250,15 +269,16 @@ class Store:
         self._retry_s = retry_s
         self._gather_s = gather_s
         self._queue = deque()  # users, blocked names, flush tickets
-        self._activities = deque()  # (position, id, origin, seq, line)
-        self._wake = threading.Event()  # something to write (or closing)
-        self._urgent = threading.Event()  # someone waits for a commit: do not gather
+        # (position, id, origin, seq, line); when full, appending drops the oldest (counted by
+        # the writer from the positions it never saw)
+        self._activities = deque(maxlen=max_queue)
+        self.record = self._activities.append  # the relay's verb: see ``record``'s description
+        self._urgent = threading.Event()  # someone waits for a commit (or closing): commit now
         self._stop = threading.Event()
         self._committed = threading.Condition()  # notified after each commit attempt
         self._closed = False
         self._peer_marks = {}  # peer key -> value, written by callers, copied by the writer
         self._stored_peer_marks = {}  # what the database holds (writer only)
-        self._last_position = 0
         # Counters: the writer's, and those of writes refused at the queue (callers' threads).
         self.counts = {"activities_committed": 0, "users_committed": 0, "commits": 0,
                        "failed_commits": 0, "dropped_activities": 0, "dropped_users": 0}
@@ -270,7 +290,12 @@ class Store:
         self._writer_cpu = 0.0  # CPU seconds the writer thread has used
         self._origin_nos = dict(db.execute("SELECT origin, no FROM origins"))
         self._last_position = db.execute("SELECT coalesce(max(last_pos), 0) FROM segments").fetchone()[0]
+        self._drained_position = self._last_position  # the last one the writer took (writer only)
+        self._sync_now = synchronous  # the writer connection's PRAGMA synchronous
+        self._last_sync = time.monotonic()  # of the last commit that fsynced the WAL
+        self._unsynced = False  # a commit since then was not fsynced
         self.origin, first_seq = self._claim_sequence()
+        self.first_seq = first_seq  # of this run: above the reservation of the previous one
         self._seqs = itertools.count(first_seq)
         self._last_seq = first_seq - 1
         self._extend_at = self._reserved - SEQ_BLOCK // 2
@@ -294,10 +319,9 @@ class Store:
     # --- recording verbs: no I/O, O(1); called under the server's state lock ----------------
 
     def next_seq(self):
-        """The sequence number for our next activity id (never one an earlier run handed out)."""
+        """The sequence number for our next activity id (never one an earlier run handed out;
+        the writer moves the reservation ahead when half of it is used)."""
         seq = self._last_seq = next(self._seqs)
-        if seq > self._extend_at:
-            self._wake.set()
         return seq
 
     def add_user(self, name, secret):
@@ -310,47 +334,46 @@ class Store:
         self._queue.append((_USER, name, secret, ticket))
         if not self._urgent.is_set():  # (an Event's set takes its lock: not once per user)
             self._urgent.set()
-            self._wake.set()
         return ticket
 
     def block_name(self, name):
         """Record a name deleted by a conflict (its user row goes too)."""
         if not self._refused(_BLOCK):
             self._queue.append((_BLOCK, name))
-            self._poke()
+
+    # record((position, activity_id, origin, seq, line)): the relay's verb, one call per
+    # published activity (``State._publish``), bound in ``__init__`` to the queue's ``append``:
+    # a C call and nothing else, as it runs for every activity under the state lock.
+    #   position: the history number (``History.last_no``), one more than the last recorded
+    #             (numbering continued from ``load().last_position``); a position the writer
+    #             never sees counts as dropped (the queue was full: it drops the oldest)
+    #   origin, seq: those of one of our ids (``protocol.parse_id``), both None for a foreign
+    #             id: the caller has parsed the id already
+    #   line: the ACTIVITY_BROADCAST line, bytes
 
     def add_activity(self, position, activity_id, line, origin, seq):
-        """Record an ACTIVITY_BROADCAST ``line`` (bytes) at history ``position``. Positions must
-        increase (the in-memory history's numbers, continued from ``load().last_position``);
-        ``origin`` and ``seq`` are those of one of our ids (``protocol.parse_id``), both None
-        for a foreign id: the caller has parsed the id already."""
+        """``record`` with its arguments checked: positions must increase; refused (and
+        counted) once the store is closed."""
         if position <= self._last_position:
             raise ValueError(f"activity position {position} is not above {self._last_position}")
-        self._last_position = position
-        if len(self._activities) < self._max_queue and not self._closed:
-            self._activities.append((position, activity_id, origin, seq, line))
-            if not self._wake.is_set():
-                self._wake.set()
-        else:
+        if self._closed:
             self._refused_counts[_ACTIVITY] += 1
+            return
+        self._last_position = position
+        self.record((position, activity_id, origin, seq, line))
 
     def set_peer_mark(self, peer_key, value):
         """Remember per-peer bookkeeping (say the last id received from ``peer_key``); only the
         latest value per key is written."""
         self._peer_marks[peer_key] = value
-        self._poke()
 
     def share_peer_marks(self, marks):
         """Take ``marks`` (a dict: peer key -> value, changed by the caller under its lock) as the
-        per-peer bookkeeping: each commit writes the keys whose value changed. The caller then
-        needs no call per change (a relayed activity costs one dict store), and ``poke`` when
-        a change should not wait for the next activity."""
+        per-peer bookkeeping: each commit writes the keys whose value changed, within
+        ``GATHER_S`` of the change. The caller then needs no call per change (a relayed activity
+        costs one dict store)."""
         marks.update(self._peer_marks)
         self._peer_marks = marks
-
-    def poke(self):
-        """Wake the writer (a shared mark changed with no activity to record)."""
-        self._poke()
 
     @property
     def failing(self):
@@ -363,12 +386,7 @@ class Store:
         ticket = Ticket(self)
         self._queue.append((_FLUSH, ticket))
         self._urgent.set()
-        self._wake.set()
         return ticket.wait(timeout)
-
-    def _poke(self):
-        if not self._wake.is_set():
-            self._wake.set()
 
     def _refused(self, kind):
         """Whether to drop a write: the store is closed, or the queue is full (a failing or
@@ -386,15 +404,14 @@ class Store:
     # --- the writer thread -------------------------------------------------------------------
 
     def _run(self):
+        # Nothing wakes the writer for an activity (that would cost the relay a call each): it
+        # looks every GATHER_S, and at once when a registration or a flush waits (or closing).
         batch = _Batch()
         while True:
             if self._failure is None:
-                self._wake.wait()
-                if not self._stop.is_set():
-                    self._urgent.wait(self._gather_s)  # a registration cuts the gathering short
+                self._urgent.wait(self._gather_s)
             else:
                 self._stop.wait(self._retry_s)
-            self._wake.clear()
             self._urgent.clear()
             stopping = self._stop.is_set()
             self._drain(batch)
@@ -426,18 +443,34 @@ class Store:
             else:
                 batch.tickets.append(entry[1])
         activities = self._activities
-        batch.activities.extend(activities.popleft() for _ in range(len(activities)))
+        count = len(activities)
+        if count:
+            # popleft, not a copy and clear: the relay may append meanwhile
+            taken = list(itertools.starmap(activities.popleft, itertools.repeat((), count)))
+            last = taken[-1][0]
+            # positions are consecutive: those missing were dropped by the full queue
+            self.counts["dropped_activities"] += last - self._drained_position - count
+            self._drained_position = last
+            if last > self._last_position:
+                self._last_position = last  # the end of what ``missing`` may read
+            if batch.activities:
+                batch.activities += taken
+            else:
+                batch.activities = taken
 
     def _write(self, batch):
         peer_marks = self._peer_marks.copy()  # one C call: atomic against writers
         changed = [(k, v) for k, v in peer_marks.items() if self._stored_peer_marks.get(k) != v]
         reserve = self._last_seq + SEQ_BLOCK if self._last_seq > self._extend_at else None
-        if not (batch or changed or reserve):
+        # commits left without fsync by a stream that then stopped: fsynced SYNC_EVERY_S on
+        sync_due = self._unsynced and time.monotonic() - self._last_sync >= SYNC_EVERY_S
+        if not (batch or changed or reserve or sync_due):
             return
         try:
             if self._failure is not None:  # a fresh connection after a failure
                 self._db.close()
                 self._db = _connect(self.path, self._synchronous)
+                self._sync_now = self._synchronous
             origin_nos = self._commit(batch, changed, reserve)
         except sqlite3.Error as exc:
             self._failed(batch, exc)
@@ -467,6 +500,15 @@ class Store:
         """One transaction with everything in ``batch``; returns the origin numbers to use next."""
         db = self._db
         origin_nos = dict(self._origin_nos)  # kept only if the transaction commits
+        now = time.monotonic()
+        # What someone waits for (a registration, a flush), a blocked name and the reservation
+        # are fsynced (and so is all the WAL before them); activities and peer marks alone only
+        # once per SYNC_EVERY_S: a kill -9 loses none of them, a power cut at most that much.
+        sync = (self._synchronous if batch.tickets or batch.users or batch.blocked or reserve
+                or now - self._last_sync >= SYNC_EVERY_S else "NORMAL")
+        if sync != self._sync_now:
+            db.execute(f"PRAGMA synchronous = {sync}")
+            self._sync_now = sync
         with _transaction(db):
             if batch.users:
                 db.executemany("INSERT OR REPLACE INTO users VALUES (?, ?)",
@@ -482,27 +524,49 @@ class Store:
                                [(_blob(key), _blob(value)) for key, value in peer_marks])
             if reserve is not None:
                 db.execute("UPDATE meta SET value = ? WHERE key = 'seq_reserved'", (reserve,))
+            if not (batch or peer_marks or reserve):  # only the fsync is due: write a row for it
+                db.execute("INSERT OR REPLACE INTO meta VALUES ('synced_at', ?)", (time.time(),))
+        if sync == self._synchronous:
+            self._last_sync, self._unsynced = now, False
+        else:
+            self._unsynced = True
         return origin_nos
 
     def _insert_activities(self, db, activities, origin_nos):
-        for origin in {entry[2] for entry in activities} - origin_nos.keys() - {None}:
-            origin_nos[origin] = db.execute(
-                "INSERT INTO origins (origin, high, first_pos, last_pos) VALUES (?, 0, ?, 0)",
-                (origin, next(entry[0] for entry in activities if entry[2] == origin))).lastrowid
-        number_of = {**origin_nos, None: FOREIGN}.__getitem__
         highs = {}  # origin number -> highest seq in this batch
+        # Per activity only C loops (zip, array, join, min, max): this runs for every activity.
         for start in range(0, len(activities), SEGMENT_MAX):
-            part = activities[start:start + SEGMENT_MAX]
-            positions, ids, origins, seqs, lines = zip(*part)
-            numbers = array(_INT32, map(number_of, origins))
-            foreign = numbers.count(FOREIGN)
+            part = (activities if len(activities) <= SEGMENT_MAX  # (no copy in the common case)
+                    else activities[start:start + SEGMENT_MAX])
+            _positions, ids, origins, seqs, lines = zip(*part)
+            for origin in sorted(set(origins) - origin_nos.keys() - {None}):
+                origin_nos[origin] = db.execute(
+                    "INSERT INTO origins (origin, high, first_pos, last_pos) VALUES (?, 0, ?, 0)",
+                    (origin, part[origins.index(origin)][0])).lastrowid
+            number_of = {**origin_nos, None: FOREIGN}.__getitem__
+            if origins.count(origins[0]) == len(part):  # one origin: the common case
+                number = number_of(origins[0])
+                numbers = array(_INT32, [number]) * len(part)
+                foreign = len(part) if number == FOREIGN else 0
+                ranges = {number: [min(seqs), max(seqs)]} if number != FOREIGN else {}
+            else:
+                numbers = array(_INT32, map(number_of, origins))
+                foreign = numbers.count(FOREIGN)
+                ranges = None
             if foreign:
                 seqs = [0 if seq is None else seq for seq in seqs]
-            ranges = _ranges(numbers, seqs)
+                ids_json = _json(ids)
+            else:  # our ids need no escaping (protocol's _OWN_ID): as json.dumps would write them
+                ids_json = '["' + '","'.join(ids) + '"]'
+            if ranges is None:
+                ranges = _ranges(numbers, seqs)
+            first, last = part[0][0], part[-1][0]
+            positions = (range(first, last + 1) if last - first + 1 == len(part)  # no drops
+                         else _positions)
             db.execute("INSERT INTO segments VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                       (positions[-1], positions[0], len(part), foreign, _json(ranges),
+                       (last, first, len(part), foreign, _json(ranges),
                         array(_INT64, positions), numbers, array(_INT64, seqs),
-                        array(_INT32, map(len, lines)), _json(ids), b"".join(lines)))
+                        array(_INT32, map(len, lines)), ids_json, b"".join(lines)))
             for number, (_low, high) in ranges.items():
                 highs[number] = max(high, highs.get(number, 0))
         last_pos = activities[-1][0]  # for origins.last_pos an upper bound is enough
@@ -674,10 +738,20 @@ class Store:
             "failed_commits": self.counts["failed_commits"],
             "activities_committed": self.counts["activities_committed"],
             "users_committed": self.counts["users_committed"],
-            "dropped_activities": self.counts["dropped_activities"] + refused[_ACTIVITY],
+            "dropped_activities": (self.counts["dropped_activities"] + refused[_ACTIVITY]
+                                   + self._dropped_in_queue()),
             "dropped_users": self.counts["dropped_users"] + refused[_USER],
             "dropped_blocked": refused[_BLOCK],
         }
+
+    def _dropped_in_queue(self):
+        """Activities the full queue dropped that the writer has not counted yet (it counts them
+        when it takes what follows them)."""
+        activities = self._activities
+        try:
+            return max(0, activities[-1][0] - self._drained_position - len(activities))
+        except IndexError:  # empty
+            return 0
 
     # --- lifecycle ---------------------------------------------------------------------------
 
@@ -688,7 +762,6 @@ class Store:
         self._closed = True
         self._stop.set()
         self._urgent.set()
-        self._wake.set()
         self._writer.join()
         os.close(self._lock_fd)
 
@@ -822,8 +895,8 @@ def _create(path):
         os.unlink(temporary)  # left by a crash during an earlier creation, in our locked directory
     db = sqlite3.connect(temporary, isolation_level=None)
     try:
+        db.execute(f"PRAGMA page_size = {PAGE_SIZE}")  # first: any write fixes it
         db.execute(f"PRAGMA application_id = {APPLICATION_ID}")
-        db.execute(f"PRAGMA page_size = {PAGE_SIZE}")
         db.execute("PRAGMA journal_mode = WAL")
     finally:
         db.close()  # the last connection checkpoints: everything is in the main file
@@ -871,7 +944,8 @@ def _connect(path, synchronous):
     db.execute("PRAGMA busy_timeout = 5000")
     db.execute("PRAGMA journal_mode = WAL")
     db.execute(f"PRAGMA synchronous = {synchronous}")
-    db.execute(f"PRAGMA wal_autocheckpoint = {WAL_AUTOCHECKPOINT}")
+    page_size = db.execute("PRAGMA page_size").fetchone()[0]  # an older database's may be 4 KiB
+    db.execute(f"PRAGMA wal_autocheckpoint = {max(1, WAL_CHECKPOINT_BYTES // page_size)}")
     return db
 
 

@@ -446,3 +446,37 @@ def test_answer_from_disk_then_memory_also_what_memory_evicted_meanwhile(tmp_pat
             state.peer_announced(peer, 0, "127.0.0.1", 6000 + port)
             state.catch_up(workers.pop())
             assert peer.outbox.ids == [own(seq) for seq in expected]
+
+
+class AnnounceOutbox(FakeOutbox):
+    """Keeps the maps of the SERVER_ANNOUNCEs it was sent."""
+
+    def __init__(self):
+        super().__init__()
+        self.maps = []
+
+    def send(self, data):
+        super().send(data)
+        message = json.loads(data) if data.strip() else {}
+        if message.get("command") == "SERVER_ANNOUNCE" and "map" in message:
+            self.maps.append(message["map"])
+
+
+def test_a_restarted_server_tells_its_peers_where_its_sequence_resumes(tmp_path):
+    """A restart continues our sequence above the reservation, skipping numbers no peer will
+    ever see: our map entry says "resumes" from the first announce on, so peers do not hold our
+    activities waiting for them (``dedup.Reorder.resume``). A first start resumes nothing."""
+    directory = str(tmp_path / "s")
+    with Store.open(directory) as kept:
+        state = State("127.0.0.1", 4000, store=kept)
+        assert kept.first_seq == 1 and state.resumes is None
+    with Store.open(directory) as kept:
+        state = State("127.0.0.1", 4000, store=kept)
+        assert kept.first_seq == store.SEQ_BLOCK + 1
+        assert state.resumes == (kept.origin, kept.first_seq)
+        peer = state.open_session(AnnounceOutbox(), "peer")
+        state.accept_link(peer)
+        state.peer_announced(peer, 0, "127.0.0.1", 5000)
+        maps = peer.outbox.maps
+        assert maps and all(m["127.0.0.1:4000"]["resumes"] == [kept.origin, store.SEQ_BLOCK + 1] for m in maps)
+        assert kept.next_seq() == store.SEQ_BLOCK + 1  # the first number of this run, as said

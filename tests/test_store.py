@@ -5,6 +5,7 @@ the same rule as recovery from memory."""
 import hashlib
 import logging
 import os
+import re
 import signal
 import sqlite3
 import subprocess
@@ -115,6 +116,46 @@ def test_the_reservation_moves_ahead_of_the_numbers_handed_out(open_store, monke
     with sqlite3.connect(store.path) as db:
         reserved = int(db.execute("SELECT value FROM meta WHERE key = 'seq_reserved'").fetchone()[0])
     assert reserved >= last + 50  # what a kill -9 now would restart above
+
+
+def test_what_must_survive_a_power_cut_is_fsynced_and_a_stream_within_sync_every_s(open_store, monkeypatch):
+    """Registrations, blocked names and flushes are committed with synchronous=FULL (the WAL is
+    fsynced, and all of it before them); activities alone with NORMAL (no fsync: a kill -9
+    loses nothing, a power cut the last commits), and within SYNC_EVERY_S of an unsynced
+    commit the writer fsyncs again, even when the stream has stopped."""
+    monkeypatch.setattr(store_module, "SYNC_EVERY_S", 0.5)
+    commits = []  # (synchronous in force, what the transaction wrote)
+    real_connect = store_module._connect
+
+    def connect(path, synchronous):
+        db = real_connect(path, synchronous)
+        mode, wrote = [synchronous], {}  # (an ordered set of tables)
+
+        def trace(statement):
+            if statement.startswith("PRAGMA synchronous = "):
+                mode[0] = statement.split("= ")[1]
+            elif statement == "COMMIT":
+                commits.append((mode[0], tuple(wrote)))
+                wrote.clear()
+            elif statement.split()[0] in ("INSERT", "UPDATE", "DELETE"):
+                wrote[re.search(r"(?:INTO|UPDATE|FROM) (\w+)", statement).group(1)] = True
+        db.set_trace_callback(trace)
+        return db
+
+    monkeypatch.setattr(store_module, "_connect", connect)
+    store = open_store()
+    assert store.add_user("alice", "s").wait(timeout=10)
+    assert commits[-1] == ("FULL", ("users",))
+    time.sleep(0.6)  # past SYNC_EVERY_S: the next commit fsyncs whatever it holds
+    for position in range(1, 21):
+        record(store, position, own_id(store))
+        time.sleep(0.01)
+    wait_for(lambda: sum(1 for _mode, wrote in commits if "segments" in wrote), lambda n: n >= 2)
+    modes = [mode for mode, wrote in commits if "segments" in wrote]
+    assert modes[0] == "FULL" and "NORMAL" in modes[1:], commits  # the rest within 0.5 s of it
+    wait_for(lambda: commits[-1], lambda last: last == ("FULL", ("meta",)))  # the stream stopped
+    store.block_name("mallory")
+    wait_for(lambda: commits[-1], lambda last: last == ("FULL", ("users", "blocked")))
 
 
 def test_positions_must_increase(open_store):
