@@ -326,12 +326,14 @@ class Server:
     def _accept_loop(self):
         if self.monitor is not None:
             self.monitor.start()  # logs "monitor on http://host:port/" before we say we listen
-        log.info("listening on %s:%d (announced as %s:%d); %s", self.settings.bind, self.port,
-                 *self.address, self._limits_said())
         for thread in self._threads:
             thread.start()
         self.deadlines.start()
         self.lingering.start()
+        # Said once every thread runs: a script that waits for this line sees the server whole
+        # (the benchmarks count its idle threads from here).
+        log.info("listening on %s:%d (announced as %s:%d); %s", self.settings.bind, self.port,
+                 *self.address, self._limits_said())
         login_timeout = self.settings.login_timeout
         while not self.stopping.is_set():
             try:
