@@ -794,7 +794,7 @@ class State:
         ``origin`` and ``seq`` (of our ids) are for the data store."""
         self._history.add(activity_id, line)
         if self._store is not None:
-            self._store.record((self._history.last_no, activity_id, origin, seq, line))  # a C call
+            self._store.record(self._history.last_no, [activity_id], origin, seq, line)
         # The hot loop: a session's send inlined (count, queue), one frame less per delivery.
         counters = self.counters
         if sent is None or sent >= self._newest_login - self.clock_slack:
@@ -817,17 +817,13 @@ class State:
     def _publish_all(self, ids, lines, data, source, origin, seqs):
         """``_publish`` of several activities of ``origin`` (numbered ``seqs``), in order, none
         older than the newest login (less the clock slack): ``lines`` (each ending in "\\n")
-        and ``data``, the same joined. Every connection is sent ``data`` in one piece."""
+        and ``data``, the same joined; ``seqs`` are consecutive. Every connection is sent
+        ``data`` in one piece, and the data store records it as one batch."""
         history = self._history
-        store = self._store
-        if store is None:
-            for activity_id, line in zip(ids, lines):
-                history.add(activity_id, line)
-        else:
-            record = store.record  # see _publish
-            for activity_id, line, seq in zip(ids, lines, seqs):
-                history.add(activity_id, line)
-                record((history.last_no, activity_id, origin, seq, line))
+        if self._store is not None:
+            self._store.record(history.last_no + 1, ids, origin, seqs[0], data)
+        for activity_id, line in zip(ids, lines):
+            history.add(activity_id, line)
         count = len(ids)
         counters = self.counters
         for client in self._clients:

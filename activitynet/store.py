@@ -9,21 +9,22 @@ Never on the relay's critical path
 ----------------------------------
 The recording verbs (``record``, ``add_user``, ``block_name``, ``set_peer_mark``, ``next_seq``)
 are called by the server under its state lock, so they do no I/O: each appends to an in-memory
-queue (or sets a dict item) in O(1). ``record``, the one call per relayed activity, is the
-activity queue's own ``append`` (a C call: nothing else runs for it on the relay's side). One
-writer thread looks at the queues every ``GATHER_S`` (at once when a registration or a flush
+queue (or sets a dict item) in O(1). ``record`` is called once per relayed *batch* (the
+activities of one read of a connection, already joined into the bytes every connection is sent)
+and queues it as it is: nothing runs per activity on the relay's side. One writer thread looks at the queues every ``GATHER_S`` (at once when a registration or a flush
 waits) and commits everything it found in one transaction (group commit), so an activity is
 committed within about ``GATHER_S`` plus two commit times of its arrival (under 100 ms), and a
 registration within one or two commit times. ``add_user`` returns a ``Ticket``: the server
 waits on it *outside* the lock and sends REGISTER_SUCCESS only once the user is committed.
 
-Activities are stored a commit at a time, as segments (see ``_SCHEMA_1``), built with C loops
-only (zip, array, join), in 16 KiB pages. The writer thread costs about 1.1-2 us of CPU per
-activity at 30,000-60,000/s on this 2-core machine: 1.35-1.45 us inside a server under the
-durable-chain benchmark on a quiet machine (2.0-2.25 us before this layout; a row per activity
-cost 5-7 us), 1.9-2.3 us on a loaded one. About half is SQLite writing the bytes (into the WAL, and again into
-the database at each checkpoint), the rest reading each activity's objects back from memory
-(the CPU caches have long lost them) to build the segment, and each commit's fixed cost.
+Activities are stored a commit at a time, as segments (see ``_SEGMENTS_2``) indexed by the
+batches recorded, not by activity, in 16 KiB pages. Inside a server under the durable-chain
+benchmark the writer thread costs about 0.6-1.0 us of CPU per activity on this 2-core virtual
+machine (2.0-2.3 us when segments were built from a tuple per activity, schema version 1; a
+row per activity cost 5-7 us). Three quarters of it is the kernel's: copying the bytes into
+the page cache, for the WAL and again for the database at each checkpoint (about 500 bytes
+written per activity of 215), and writing them out; the rest is SQLite and each commit's
+fixed cost.
 
 Reads (``load`` at start-up, ``position_of`` and ``missing`` for recovery) open their own
 connection: under WAL they never block the writer, nor it them. ``missing`` reads in chunks, each
@@ -34,7 +35,7 @@ How the server uses it (issue 10): ``Store.open(dir, disk_history)`` at start-up
 per-peer marks (``State._restore``); ``next_seq()`` for every own id; under the state lock
 ``add_user`` (``users.DurableUsers``; the connection's reader thread sends REGISTER_SUCCESS once
 the ticket is settled, ``State.send_held``), ``block_name``, ``record`` with the history position
-(``State._publish``), the peer marks through a shared dict (``share_peer_marks``); outside it
+(``State._publish_all``, ``State._publish``), the peer marks through a shared dict (``share_peer_marks``); outside it
 ``missing(marks, after, below=first position in memory)`` to refill a peer from disk before the
 in-memory part (``State.peer_asked``); ``status()`` for health checks (``Server.store_status``);
 ``close()`` after the last connection.
@@ -104,25 +105,19 @@ SYNCHRONOUS = "FULL"  # for registrations, blocked names, the reservation (modul
 SYNC_EVERY_S = 1.0  # activity-only commits skip the fsync unless the last one is this old
 SEQ_BLOCK = 1_000_000  # sequence numbers reserved ahead of those handed out
 GATHER_S = 0.05  # the writer looks for work this often, and commits what it found at once
-MAX_QUEUE = 250_000  # entries waiting for the disk, at most (about 300 bytes each)
+MAX_QUEUE = 250_000  # activities (or other writes) waiting for the disk, at most (~300 bytes each)
 RETRY_S = 1.0  # a failing disk is retried this often
 LOG_EVERY_S = 30.0  # and reported this often while it fails
-SEGMENT_MAX = 2048  # activities per stored segment, at most (and per chunk read for recovery)
+SEGMENT_MAX = 2048  # activities per stored segment (and per chunk read for recovery), at most,
+# unless one recorded batch (one read of a connection: 64 KiB) holds more: batches are never split
 PAGE_SIZE = 16384  # of a new database: SQLite costs less CPU per byte than with 4 KiB (larger
 # pages cost more per commit: each commit rewrites a few small tables' pages too)
 WAL_CHECKPOINT_BYTES = 16 << 20  # the WAL is copied into the database this often
 
 FOREIGN = 0  # origin number of activities whose ids are not ours (opaque; their seq is null)
 
-# Activities are stored in segments: one row per commit (split at SEGMENT_MAX), holding the lines
-# concatenated and, column by column, what indexes them. A row per activity cost 5-7 us of CPU
-# each in SQLite here, and the GIL was released and re-taken once per row, which a busy relay
-# turns into a convoy; a segment costs one row, one GIL hand-over, and per activity about what
-# C-coded joins and array packing cost. Recovery reads whole segments: what it sends anyway.
-#   positions, origin_nos, seqs, lengths: native int arrays (array module), one item per
-#       activity; origin number FOREIGN (0) and seq 0 for a foreign id
-#   ids:    JSON list of the ids (ASCII-escaped)
-#   ranges: JSON {"origin number": [lowest seq, highest seq]} of the segment (own ids only)
+# Schema version 1, the tables. Its segments held, per activity, a position, origin number, seq
+# and length (int arrays): version 2 replaced them with runs (see _SEGMENTS_2).
 _SCHEMA_1 = """
 CREATE TABLE meta (key TEXT PRIMARY KEY, value) WITHOUT ROWID;
 CREATE TABLE users (name BLOB PRIMARY KEY, secret BLOB NOT NULL) WITHOUT ROWID;
@@ -138,9 +133,31 @@ CREATE INDEX segments_with_foreign_ids ON segments (last_pos) WHERE foreign_coun
 CREATE TABLE peer_marks (peer BLOB PRIMARY KEY, value BLOB NOT NULL) WITHOUT ROWID;
 """
 
+# Activities are stored in segments: one row per commit (cut near SEGMENT_MAX), holding the lines
+# concatenated as they were relayed and what indexes them, by *run*: the batches the relay
+# recorded (one read of a connection each), not by activity. A row per activity cost 5-7 us of
+# CPU each in SQLite here; arrays with an item per activity (schema version 1) still cost the
+# writer 1-2 us per activity, reading back long-gone objects; a run costs the same for one
+# activity or a thousand, so the writer's work per activity is C copying bytes. Recovery reads
+# whole segments: what it sends anyway.
+#   runs:   native int64 array (array module), 4 items per run: its first position, its count,
+#           the origin number of its ids (FOREIGN, 0, for foreign ids) and the seq of its first
+#           id (the others follow it; 0 for foreign ids)
+#   ids:    JSON list of the ids (ASCII-escaped)
+#   data:   the ACTIVITY_BROADCAST lines, each ending in "\n" (none holds another)
+#   ranges: JSON {"origin number": [lowest seq, highest seq]} of the segment (own ids only)
+_SEGMENTS_2 = """
+CREATE TABLE segments (last_pos INTEGER PRIMARY KEY, first_pos INTEGER NOT NULL,
+                       count INTEGER NOT NULL, foreign_count INTEGER NOT NULL,
+                       ranges TEXT NOT NULL, runs BLOB NOT NULL, ids TEXT NOT NULL,
+                       data BLOB NOT NULL);
+CREATE INDEX segments_with_foreign_ids ON segments (last_pos) WHERE foreign_count > 0;
+"""
+
 # MIGRATIONS[v] takes a database from schema version v to v + 1, inside one transaction.
 MIGRATIONS = [
     lambda db: _execute_script(db, _SCHEMA_1),
+    lambda db: _segments_as_runs(db),
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
 
@@ -218,14 +235,15 @@ class _Batch:
     def __init__(self):
         self.users = {}  # name -> secret
         self.blocked = {}  # name -> True (ordered set)
-        self.activities = []  # (position, id, origin, seq, line)
+        self.activities = []  # recorded batches: (first position, ids, origin, first seq, data)
+        self.activity_count = 0  # the activities in them
         self.tickets = []
 
     def __bool__(self):
         return bool(self.users or self.blocked or self.activities or self.tickets)
 
     def entries(self):
-        return len(self.users) + len(self.blocked) + len(self.activities)
+        return len(self.users) + len(self.blocked) + self.activity_count
 
 
 class Store:
@@ -269,10 +287,10 @@ class Store:
         self._retry_s = retry_s
         self._gather_s = gather_s
         self._queue = deque()  # users, blocked names, flush tickets
-        # (position, id, origin, seq, line); when full, appending drops the oldest (counted by
-        # the writer from the positions it never saw)
-        self._activities = deque(maxlen=max_queue)
-        self.record = self._activities.append  # the relay's verb: see ``record``'s description
+        self._activities = deque()  # batches given to ``record``, for the writer
+        self._recorded = 0  # activities given to ``record`` (written by the relay only)
+        self._shed = 0  # of those, dropped by ``record`` as too many waited (the relay only)
+        self._taken = 0  # of those, taken by the writer (the writer only)
         self._urgent = threading.Event()  # someone waits for a commit (or closing): commit now
         self._stop = threading.Event()
         self._committed = threading.Condition()  # notified after each commit attempt
@@ -290,7 +308,6 @@ class Store:
         self._writer_cpu = 0.0  # CPU seconds the writer thread has used
         self._origin_nos = dict(db.execute("SELECT origin, no FROM origins"))
         self._last_position = db.execute("SELECT coalesce(max(last_pos), 0) FROM segments").fetchone()[0]
-        self._drained_position = self._last_position  # the last one the writer took (writer only)
         self._sync_now = synchronous  # the writer connection's PRAGMA synchronous
         self._last_sync = time.monotonic()  # of the last commit that fsynced the WAL
         self._unsynced = False  # a commit since then was not fsynced
@@ -341,26 +358,38 @@ class Store:
         if not self._refused(_BLOCK):
             self._queue.append((_BLOCK, name))
 
-    # record((position, activity_id, origin, seq, line)): the relay's verb, one call per
-    # published activity (``State._publish``), bound in ``__init__`` to the queue's ``append``:
-    # a C call and nothing else, as it runs for every activity under the state lock.
-    #   position: the history number (``History.last_no``), one more than the last recorded
-    #             (numbering continued from ``load().last_position``); a position the writer
-    #             never sees counts as dropped (the queue was full: it drops the oldest)
-    #   origin, seq: those of one of our ids (``protocol.parse_id``), both None for a foreign
-    #             id: the caller has parsed the id already
-    #   line: the ACTIVITY_BROADCAST line, bytes
+    def record(self, first_position, ids, origin, first_seq, data):
+        """Record a batch of activities as published (``State._publish_all``, or one activity:
+        ``State._publish``): the relay's verb, one call per batch under the state lock, so
+        it does nothing per activity and its arguments are taken as they are:
+          first_position: the history number (``History``) of the first; the others follow it,
+                one each; numbering continues from ``load().last_position``
+          ids: a list of the activity ids, which nobody changes afterwards
+          origin, first_seq: for ids of ours from one origin with consecutive seqs from
+                ``first_seq`` (``protocol.parse_id``, ``parse_run``); both None for foreign ids
+          data: their ACTIVITY_BROADCAST lines, bytes, each ending in "\\n", concatenated
+        Past ``max_queue`` activities waiting (a failing or far too slow disk) the oldest batch
+        is dropped (counted), and after ``close`` the batch is: memory and relaying go on."""
+        if self._closed:
+            self._refused_counts[_ACTIVITY] += len(ids)
+            return
+        self._activities.append((first_position, ids, origin, first_seq, data))
+        self._recorded += len(ids)
+        if self._recorded - self._taken - self._shed > self._max_queue:
+            try:
+                self._shed += len(self._activities.popleft()[1])
+            except IndexError:  # the writer took them all meanwhile
+                pass
 
     def add_activity(self, position, activity_id, line, origin, seq):
-        """``record`` with its arguments checked: positions must increase; refused (and
-        counted) once the store is closed."""
+        """``record`` of one activity, its arguments checked: positions must increase, the
+        line must be one line ending in "\\n"."""
         if position <= self._last_position:
             raise ValueError(f"activity position {position} is not above {self._last_position}")
-        if self._closed:
-            self._refused_counts[_ACTIVITY] += 1
-            return
+        if not line.endswith(b"\n") or line.count(b"\n") != 1:
+            raise ValueError(f"an activity is one line ending in a newline, not {line[:80]!r}")
         self._last_position = position
-        self.record((position, activity_id, origin, seq, line))
+        self.record(position, [activity_id], origin, seq, line)
 
     def set_peer_mark(self, peer_key, value):
         """Remember per-peer bookkeeping (say the last id received from ``peer_key``); only the
@@ -443,20 +472,20 @@ class Store:
             else:
                 batch.tickets.append(entry[1])
         activities = self._activities
-        count = len(activities)
-        if count:
-            # popleft, not a copy and clear: the relay may append meanwhile
-            taken = list(itertools.starmap(activities.popleft, itertools.repeat((), count)))
-            last = taken[-1][0]
-            # positions are consecutive: those missing were dropped by the full queue
-            self.counts["dropped_activities"] += last - self._drained_position - count
-            self._drained_position = last
+        taken = []
+        try:  # popleft, not a copy and clear: the relay may append (or shed) meanwhile
+            for _ in range(len(activities)):
+                taken.append(activities.popleft())
+        except IndexError:
+            pass
+        if taken:
+            count = sum(len(entry[1]) for entry in taken)
+            self._taken += count
+            last = taken[-1][0] + len(taken[-1][1]) - 1
             if last > self._last_position:
                 self._last_position = last  # the end of what ``missing`` may read
-            if batch.activities:
-                batch.activities += taken
-            else:
-                batch.activities = taken
+            batch.activities += taken
+            batch.activity_count += count
 
     def _write(self, batch):
         peer_marks = self._peer_marks.copy()  # one C call: atomic against writers
@@ -532,47 +561,42 @@ class Store:
             self._unsynced = True
         return origin_nos
 
-    def _insert_activities(self, db, activities, origin_nos):
-        highs = {}  # origin number -> highest seq in this batch
-        # Per activity only C loops (zip, array, join, min, max): this runs for every activity.
-        for start in range(0, len(activities), SEGMENT_MAX):
-            part = (activities if len(activities) <= SEGMENT_MAX  # (no copy in the common case)
-                    else activities[start:start + SEGMENT_MAX])
-            _positions, ids, origins, seqs, lines = zip(*part)
+    def _insert_activities(self, db, batches, origin_nos):
+        highs = {}  # origin number -> highest seq in this commit
+        # Per batch a little Python; per activity only C (joining ids, copying bytes).
+        for part in _segments(batches):
+            firsts, ids, origins, first_seqs, data = zip(*part)
             for origin in sorted(set(origins) - origin_nos.keys() - {None}):
                 origin_nos[origin] = db.execute(
                     "INSERT INTO origins (origin, high, first_pos, last_pos) VALUES (?, 0, ?, 0)",
-                    (origin, part[origins.index(origin)][0])).lastrowid
-            number_of = {**origin_nos, None: FOREIGN}.__getitem__
-            if origins.count(origins[0]) == len(part):  # one origin: the common case
-                number = number_of(origins[0])
-                numbers = array(_INT32, [number]) * len(part)
-                foreign = len(part) if number == FOREIGN else 0
-                ranges = {number: [min(seqs), max(seqs)]} if number != FOREIGN else {}
-            else:
-                numbers = array(_INT32, map(number_of, origins))
-                foreign = numbers.count(FOREIGN)
-                ranges = None
+                    (origin, firsts[origins.index(origin)])).lastrowid
+            numbers = list(map({**origin_nos, None: FOREIGN}.__getitem__, origins))
+            counts = list(map(len, ids))
+            seqs = [seq or 0 for seq in first_seqs]
+            ranges = {}
+            foreign = 0
+            for number, seq, count in zip(numbers, seqs, counts):
+                if number == FOREIGN:
+                    foreign += count
+                else:
+                    low, high = ranges.get(number, (seq, seq + count - 1))
+                    ranges[number] = [min(low, seq), max(high, seq + count - 1)]
+            all_ids = itertools.chain.from_iterable(ids)
             if foreign:
-                seqs = [0 if seq is None else seq for seq in seqs]
-                ids_json = _json(ids)
+                ids_json = _json(list(all_ids))
             else:  # our ids need no escaping (protocol's _OWN_ID): as json.dumps would write them
-                ids_json = '["' + '","'.join(ids) + '"]'
-            if ranges is None:
-                ranges = _ranges(numbers, seqs)
-            first, last = part[0][0], part[-1][0]
-            positions = (range(first, last + 1) if last - first + 1 == len(part)  # no drops
-                         else _positions)
-            db.execute("INSERT INTO segments VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                       (last, first, len(part), foreign, _json(ranges),
-                        array(_INT64, positions), numbers, array(_INT64, seqs),
-                        array(_INT32, map(len, lines)), ids_json, b"".join(lines)))
+                ids_json = '["' + '","'.join(all_ids) + '"]'
+            runs = array(_INT64, itertools.chain.from_iterable(zip(firsts, counts, numbers, seqs)))
+            db.execute("INSERT INTO segments VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                       (firsts[-1] + counts[-1] - 1, firsts[0], sum(counts), foreign,
+                        _json(ranges), runs, ids_json, b"".join(data)))
             for number, (_low, high) in ranges.items():
                 highs[number] = max(high, highs.get(number, 0))
-        last_pos = activities[-1][0]  # for origins.last_pos an upper bound is enough
+        last_pos = batches[-1][0] + len(batches[-1][1]) - 1
+        # for origins.last_pos an upper bound is enough
         db.executemany("UPDATE origins SET high = max(high, ?), last_pos = ? WHERE no = ?",
                        [(high, last_pos, number) for number, high in highs.items()])
-        cutoff = activities[-1][0] - self.disk_history
+        cutoff = last_pos - self.disk_history
         if cutoff > 0:  # whole segments: at most disk_history plus the rest of the oldest one
             db.execute("DELETE FROM segments WHERE last_pos <= ?", (cutoff,))
 
@@ -593,9 +617,13 @@ class Store:
         self.counts["failed_commits"] += 1
         self._fail_tickets(batch, f"the data store cannot write: {reason}")
         excess = batch.entries() - self._max_queue
-        if excess > 0:  # keep the newest activities; users and blocked names go last
-            dropped = min(excess, len(batch.activities))
-            del batch.activities[:dropped]
+        if excess > 0:  # keep the newest activities (whole batches); users and blocked names go last
+            dropped = batches = 0
+            while dropped < excess and batches < len(batch.activities):
+                dropped += len(batch.activities[batches][1])
+                batches += 1
+            del batch.activities[:batches]
+            batch.activity_count -= dropped
             self.counts["dropped_activities"] += dropped
             for name in list(itertools.islice(batch.users, max(0, excess - dropped))):
                 del batch.users[name]
@@ -667,7 +695,7 @@ class Store:
         parsed = protocol.parse_id(activity_id)
         with _reader(self.path) as db:
             if parsed is None:
-                rows = db.execute("SELECT positions, ids FROM segments WHERE foreign_count > 0 "
+                rows = db.execute("SELECT runs, ids FROM segments WHERE foreign_count > 0 "
                                   "AND instr(ids, ?) ORDER BY last_pos DESC",
                                   (_json(activity_id),))
             else:
@@ -676,18 +704,18 @@ class Store:
                 if number is None:
                     return None
                 key = f'$."{number[0]}"'
-                rows = db.execute("SELECT positions, ids FROM segments WHERE json_extract(ranges, ?) <= ? "
+                rows = db.execute("SELECT runs, ids FROM segments WHERE json_extract(ranges, ?) <= ? "
                                   "AND json_extract(ranges, ?) >= ? ORDER BY last_pos DESC",
                                   (key + "[0]", seq, key + "[1]", seq))
-            for positions, ids in rows:
-                for position, stored_id in zip(_ints(_INT64, positions), json.loads(ids)):
+            for runs, ids in rows:
+                for position, stored_id in zip(_positions(runs), json.loads(ids)):
                     if stored_id == activity_id:
                         return position
         return None
 
     def missing(self, marks=None, after=0, below=None, start=0):
-        """Stored activities a peer lacks, in position order, as lists (at most SEGMENT_MAX
-        long) of (position, id, line); only positions from ``start`` and below ``below`` (what
+        """Stored activities a peer lacks, in position order, as lists (a segment's: about
+        SEGMENT_MAX long at most) of (position, id, line); only positions from ``start`` and below ``below`` (what
         memory lacks).
 
         The rule is ``recovery.missing_entries``'s: without ``marks``, everything after
@@ -731,27 +759,17 @@ class Store:
             "error": self._failure,
             "failing_for_s": (None if self._failing_since is None
                               else round(time.monotonic() - self._failing_since, 1)),
-            "queued": len(self._queue) + len(self._activities) + self._waiting,
+            "queued": len(self._queue) + self._recorded - self._taken - self._shed + self._waiting,
             "writer_cpu_s": round(self._writer_cpu, 3),
             "last_commit": self._last_commit,
             "commits": self.counts["commits"],
             "failed_commits": self.counts["failed_commits"],
             "activities_committed": self.counts["activities_committed"],
             "users_committed": self.counts["users_committed"],
-            "dropped_activities": (self.counts["dropped_activities"] + refused[_ACTIVITY]
-                                   + self._dropped_in_queue()),
+            "dropped_activities": self.counts["dropped_activities"] + refused[_ACTIVITY] + self._shed,
             "dropped_users": self.counts["dropped_users"] + refused[_USER],
             "dropped_blocked": refused[_BLOCK],
         }
-
-    def _dropped_in_queue(self):
-        """Activities the full queue dropped that the writer has not counted yet (it counts them
-        when it takes what follows them)."""
-        activities = self._activities
-        try:
-            return max(0, activities[-1][0] - self._drained_position - len(activities))
-        except IndexError:  # empty
-            return 0
 
     # --- lifecycle ---------------------------------------------------------------------------
 
@@ -825,39 +843,73 @@ _INT32, _INT64 = "i", "q"
 assert array(_INT32).itemsize == 4 and array(_INT64).itemsize == 8
 
 
-def _ranges(numbers, seqs):
-    """{origin number: [lowest seq, highest seq]} of a segment's own ids."""
-    if len(set(numbers)) == 1:  # the common case, in C
-        return {} if numbers[0] == FOREIGN else {numbers[0]: [min(seqs), max(seqs)]}
-    ranges = {}
-    for number, seq in zip(numbers, seqs):
-        if number != FOREIGN:
-            span = ranges.get(number)
-            if span is None:
-                ranges[number] = [seq, seq]
-            elif seq > span[1]:
-                span[1] = seq
-            elif seq < span[0]:
-                span[0] = seq
-    return ranges
-
-
 def _ints(kind, blob):
     values = array(kind)
     values.frombytes(blob)
     return values
 
 
-_SEGMENT_COLUMNS = "positions, ids, origin_nos, seqs, lengths, data"
+def _segments(batches):
+    """``batches`` cut into segments: lists of whole batches of at most SEGMENT_MAX activities
+    in all, unless one batch alone holds more."""
+    part, size = [], 0
+    for entry in batches:
+        if part and size + len(entry[1]) > SEGMENT_MAX:
+            yield part
+            part, size = [], 0
+        part.append(entry)
+        size += len(entry[1])
+    if part:
+        yield part
 
 
-def _unpack(positions, ids, numbers, seqs, lengths, data):
+def _run_items(runs):
+    """A segment's runs (its blob) as (first position, count, origin number, first seq)."""
+    values = _ints(_INT64, runs)
+    return zip(values[0::4], values[1::4], values[2::4], values[3::4])
+
+
+def _positions(runs):
+    return itertools.chain.from_iterable(range(first, first + count)
+                                         for first, count, _no, _seq in _run_items(runs))
+
+
+_SEGMENT_COLUMNS = "runs, ids, data"
+
+
+def _unpack(runs, ids, data):
     """A segment's activities (its _SEGMENT_COLUMNS): [(position, id, origin number, seq, line)]."""
-    ends = list(itertools.accumulate(_ints(_INT32, lengths)))
-    starts = [0] + ends[:-1]
-    lines = [data[start:end] for start, end in zip(starts, ends)]
-    return list(zip(_ints(_INT64, positions), json.loads(ids), _ints(_INT32, numbers),
-                    _ints(_INT64, seqs), lines))
+    numbers, seqs = [], []
+    for _first, count, number, seq in _run_items(runs):
+        numbers += itertools.repeat(number, count)
+        seqs += range(seq, seq + count) if number != FOREIGN else itertools.repeat(0, count)
+    lines = data.split(b"\n")
+    lines.pop()  # after the last "\n"
+    return list(zip(_positions(runs), json.loads(ids), numbers, seqs,
+                    [line + b"\n" for line in lines]))
+
+
+def _segments_as_runs(db):
+    """Schema version 1 to 2: each segment's per-activity arrays become runs (_SEGMENTS_2)."""
+    db.execute("ALTER TABLE segments RENAME TO segments_1")
+    db.execute("DROP INDEX segments_with_foreign_ids")
+    _execute_script(db, _SEGMENTS_2)
+    old = db.execute("SELECT last_pos, first_pos, count, foreign_count, ranges, positions, "
+                     "origin_nos, seqs, lengths, ids, data FROM segments_1 ORDER BY last_pos")
+    for last, first, count, foreign, ranges, positions, numbers, seqs, lengths, ids, data in old:
+        runs = []
+        for position, number, seq in zip(_ints(_INT64, positions), _ints(_INT32, numbers),
+                                         _ints(_INT64, seqs)):
+            if runs and position == runs[-4] + runs[-3] and number == runs[-2] and (
+                    number == FOREIGN or seq == runs[-1] + runs[-3]):
+                runs[-3] += 1
+            else:
+                runs += [position, 1, number, seq if number != FOREIGN else 0]
+        ends = list(itertools.accumulate(_ints(_INT32, lengths)))
+        lines = [data[start:end].rstrip(b"\n") + b"\n" for start, end in zip([0] + ends[:-1], ends)]
+        db.execute("INSERT INTO segments VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                   (last, first, count, foreign, ranges, array(_INT64, runs), ids, b"".join(lines)))
+    db.execute("DROP TABLE segments_1")
 
 
 # --- opening a data directory -------------------------------------------------------------------

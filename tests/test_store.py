@@ -3,6 +3,7 @@ data directory gets, how a failing disk is survived, and that recovery reads fro
 the same rule as recovery from memory."""
 
 import hashlib
+import json
 import logging
 import os
 import re
@@ -12,6 +13,7 @@ import subprocess
 import sys
 import textwrap
 import time
+from array import array
 
 import pytest
 from hypothesis import given, settings, strategies as st
@@ -329,6 +331,67 @@ def test_an_older_schema_is_migrated_forward_keeping_its_data(data_dir, monkeypa
         assert db.execute("SELECT count(*) FROM extra").fetchone() == (0,)
     db.close()
     assert any(f"migrated from schema version {SCHEMA_VERSION}" in r.getMessage() for r in caplog.records)
+
+
+def test_a_version_1_database_has_its_segments_rewritten_as_runs_and_reads_the_same(data_dir, monkeypatch):
+    """Version 1 indexed each activity (position, origin number, seq and length arrays);
+    version 2 indexes runs. What a restarting server reads must not change."""
+    with monkeypatch.context() as old:
+        old.setattr(store_module, "MIGRATIONS", store_module.MIGRATIONS[:1])
+        old.setattr(store_module, "SCHEMA_VERSION", 1)
+        with Store.open(data_dir) as store:
+            origin, path = store.origin, store.path
+    own = [protocol.make_id(origin, seq, 1000 + seq) for seq in (1, 2, 3)]
+    other = protocol.make_id(ORIGIN_B, 7, 2000)
+    # positions 1-3 ours, 4 foreign, 6 (5 was dropped) B's, 7 ours again
+    entries = [(1, own[0], 1, 1), (2, own[1], 1, 2), (3, own[2], 1, 3), (4, "J1FOREIGN", 0, 0),
+               (6, other, 2, 7), (7, protocol.make_id(origin, 4, 1004), 1, 4)]
+    lines = [line_for(activity_id) for _, activity_id, _, _ in entries]
+    with sqlite3.connect(path) as db:
+        db.executemany("INSERT INTO origins VALUES (?, ?, ?, ?, ?)",
+                       [(1, origin, 4, 1, 7), (2, ORIGIN_B, 7, 6, 7)])
+        db.execute("INSERT INTO segments VALUES (7, 1, 6, 1, ?, ?, ?, ?, ?, ?, ?)", (
+            json.dumps({"1": [1, 4], "2": [7, 7]}),
+            array("q", [e[0] for e in entries]), array("i", [e[2] for e in entries]),
+            array("q", [e[3] for e in entries]), array("i", map(len, lines)),
+            json.dumps([e[1] for e in entries]), b"".join(lines)))
+    db.close()
+
+    with Store.open(data_dir) as store:
+        loaded = store.load(history=10)
+        assert loaded.history == [(e[0], e[1], line) for e, line in zip(entries, lines)]
+        assert loaded.marks == {origin: 4, ORIGIN_B: 7} and loaded.last_position == 7
+        assert store.position_of(other) == 6 and store.position_of("J1FOREIGN") == 4
+        assert [e[0] for chunk in store.missing({origin: 2}, after=4) for e in chunk] == [3, 6, 7]
+        more = protocol.make_id(origin, store.next_seq(), 1)
+        record(store, 8, more)
+        assert store.flush(timeout=10)
+        assert store.load(history=1).history == [(8, more, line_for(more))]
+    with sqlite3.connect(path) as db:
+        assert db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 2
+        runs = array("q", db.execute("SELECT runs FROM segments WHERE last_pos = 7").fetchone()[0])
+    db.close()
+    assert list(runs) == [1, 3, 1, 1,  4, 1, 0, 0,  6, 1, 2, 7,  7, 1, 1, 4]
+
+
+def test_a_batch_is_recorded_in_one_call_and_read_back_activity_by_activity(open_store):
+    """The relay records what one read brought (``State._publish_all``) as it is: the ids, the
+    lines joined, and for our ids their origin and first seq. Lines are cut at "\\n" only (a
+    peer's line may hold a "\\r" between its JSON tokens)."""
+    store = open_store()
+    seqs = [store.next_seq() for _ in range(3)]
+    ids = protocol.make_ids(store.origin, seqs, 1_700_000_000_000)
+    lines = [line_for(activity_id, text) for activity_id, text in zip(ids, "abc")]
+    store.record(1, ids, store.origin, seqs[0], b"".join(lines))
+    foreign = [b'{"id":"J1",\r"n":1}\n', b'{"id":"J2"}\n']
+    store.record(4, ["J1", "J2"], None, None, b"".join(foreign))
+    assert store.flush(timeout=10)
+    loaded = store.load(history=10)
+    assert loaded.history == list(zip([1, 2, 3, 4, 5], ids + ["J1", "J2"], lines + foreign))
+    assert loaded.marks == {store.origin: seqs[-1]}
+    assert store.position_of(ids[1]) == 2 and store.position_of("J2") == 5
+    with pytest.raises(ValueError, match="one line ending in a newline"):
+        store.add_activity(6, "J3", b'{"id":"J3"}', None, None)
 
 
 # --- a failing disk ----------------------------------------------------------------------------
