@@ -245,10 +245,13 @@ _OWN_IDS = re.compile(r"^([0-9a-f]{16}):([0-9]{1,18}):([0-9]{1,15})$", re.MULTIL
 
 
 def parse_run(activity_ids):
-    """(origin, first seq, the oldest sent in ms) when ``activity_ids`` (a list) are ours, from
-    one origin, with consecutive sequence numbers: what a peer relaying a stream sends. None
-    for any other list (then ``parse_id`` each). One regular expression reads them all, and
-    the numbers are compared as text where that says the same (a relay's hot path)."""
+    """(origin, first seq, the oldest sent in ms, the sent in ms they all share or None) when
+    ``activity_ids`` (a list) are ours, from one origin, with consecutive sequence numbers:
+    what a peer relaying a stream sends. The shared sent is given only for ids exactly as
+    ``make_ids`` writes them (no zeros ahead of a number), so that they can be made again from
+    it (the data store keeps no copy of such ids). None for any other list (then ``parse_id``
+    each). One regular expression reads them all, and the numbers are compared as text where
+    that says the same (a relay's hot path)."""
     text = "\n".join(activity_ids)
     count = len(activity_ids)
     if text.count("\n") != count - 1:  # an id with a newline in it
@@ -265,9 +268,12 @@ def parse_run(activity_ids):
             return None
     elif list(map(int, seqs)) != list(range(first, last + 1)):
         return None
+    if sents.count(sents[0]) == count:
+        sent = int(sents[0])
+        return origin, first, sent, None if ":0" in text else sent
     if min(map(len, sents)) == max(map(len, sents)):  # as long: the least text is the least number
-        return origin, first, int(min(sents))
-    return origin, first, min(map(int, sents))
+        return origin, first, int(min(sents)), None
+    return origin, first, min(map(int, sents)), None
 
 
 def split_id(activity_id):

@@ -245,7 +245,7 @@ class State:
             line = encode(protocol.activity_broadcast(activity, activity_id))
             self._intake.sent(self.origin, seq)
             self.counters.activities_from_clients += 1
-            self._publish(activity_id, line, source=None, origin=self.origin, seq=seq)
+            self._publish(activity_id, line, source=None, origin=self.origin, seq=seq, sent_ms=sent_ms)
 
     def client_activities(self, session, messages):
         """``client_activity`` for each of ``messages`` (ACTIVITY_MESSAGE structs of one read,
@@ -281,13 +281,14 @@ class State:
         """Our own activities, sent by ``username``: numbered, stamped and published in order."""
         origin, next_seq = self.origin, self._next_seq
         seqs = [next_seq() for _ in activities]
-        ids = protocol.make_ids(origin, seqs, int(time.time() * 1000))
+        sent_ms = int(time.time() * 1000)
+        ids = protocol.make_ids(origin, seqs, sent_ms)
         for activity in activities:
             activity["authenticated_user"] = username
         data = protocol.encode_lines(protocol.activity_broadcasts(activities, ids))
         self._intake.sent_all(origin, seqs)
         self.counters.activities_from_clients += len(ids)
-        self._publish_all(ids, data.splitlines(True), data, None, origin, seqs)
+        self._publish_all(ids, data.splitlines(True), data, None, origin, seqs, sent_ms)
 
     def load(self):
         with self._locked:
@@ -420,7 +421,7 @@ class State:
                             self._peers.sent_us(link.peer_key, activity_id)
             run = protocol.parse_run(ids)
             if run is not None:
-                origin, first, oldest = run
+                origin, first, oldest, sent_ms = run
                 if (oldest / 1000 >= self._newest_login - self.clock_slack
                         and self._intake.receive_run(origin, first, first + count - 1)):
                     self.counters.activities_from_servers += count
@@ -428,7 +429,8 @@ class State:
                         self.counters.activities_recovered += sum(
                             1 for activity_id in ids if protocol.parse_id(activity_id)[2] < link.since * 1000)
                     lines = [line + b"\n" for line in received]
-                    self._publish_all(ids, lines, b"".join(lines), session, origin, range(first, first + count))
+                    self._publish_all(ids, lines, b"".join(lines), session, origin,
+                                      range(first, first + count), sent_ms)
                     return
             for message, line in zip(messages, received):
                 self._take_from_server(session, link, message.activity, message.id, line, now)
@@ -788,13 +790,14 @@ class State:
         else:
             self._publish(activity_id, line, source=source, sent=parsed[2] / 1000, origin=parsed[0], seq=parsed[1])
 
-    def _publish(self, activity_id, line, source, sent=None, origin=None, seq=None):
+    def _publish(self, activity_id, line, source, sent=None, origin=None, seq=None, sent_ms=None):
         """Keep, deliver and forward an activity. ``sent`` (wall-clock seconds, known for our own
         ids) lets an old one recovered from history skip clients that logged in after it;
-        ``origin`` and ``seq`` (of our ids) are for the data store."""
+        ``origin``, ``seq`` (of our ids) and ``sent_ms`` (when the id is ``make_id``'s of the
+        three) are for the data store."""
         self._history.add(activity_id, line)
         if self._store is not None:
-            self._store.record(self._history.last_no, [activity_id], origin, seq, line)
+            self._store.record(self._history.last_no, [activity_id], origin, seq, line, sent_ms)
         # The hot loop: a session's send inlined (count, queue), one frame less per delivery.
         counters = self.counters
         if sent is None or sent >= self._newest_login - self.clock_slack:
@@ -814,14 +817,15 @@ class State:
                 link.activities_sent += 1
                 counters.activities_relayed += 1
 
-    def _publish_all(self, ids, lines, data, source, origin, seqs):
+    def _publish_all(self, ids, lines, data, source, origin, seqs, sent_ms=None):
         """``_publish`` of several activities of ``origin`` (numbered ``seqs``), in order, none
         older than the newest login (less the clock slack): ``lines`` (each ending in "\\n")
-        and ``data``, the same joined; ``seqs`` are consecutive. Every connection is sent
-        ``data`` in one piece, and the data store records it as one batch."""
+        and ``data``, the same joined; ``seqs`` are consecutive; ``sent_ms``: the send time of
+        every id, when they are ``protocol.make_ids``'s. Every connection is sent ``data`` in
+        one piece, and the data store records it as one batch."""
         history = self._history
         if self._store is not None:
-            self._store.record(history.last_no + 1, ids, origin, seqs[0], data)
+            self._store.record(history.last_no + 1, ids, origin, seqs[0], data, sent_ms)
         for activity_id, line in zip(ids, lines):
             history.add(activity_id, line)
         count = len(ids)

@@ -140,10 +140,13 @@ CREATE TABLE peer_marks (peer BLOB PRIMARY KEY, value BLOB NOT NULL) WITHOUT ROW
 # writer 1-2 us per activity, reading back long-gone objects; a run costs the same for one
 # activity or a thousand, so the writer's work per activity is C copying bytes. Recovery reads
 # whole segments: what it sends anyway.
-#   runs:   native int64 array (array module), 4 items per run: its first position, its count,
-#           the origin number of its ids (FOREIGN, 0, for foreign ids) and the seq of its first
-#           id (the others follow it; 0 for foreign ids)
-#   ids:    JSON list of the ids (ASCII-escaped)
+#   runs:   native int64 array (array module), 5 items per run: its first position, its count,
+#           the origin number of its ids (FOREIGN, 0, for foreign ids), the seq of its first
+#           id (the others follow it; 0 for foreign ids), and the send time (ms) all its ids
+#           share when they are ``protocol.make_ids``' of it (our client batches, and most
+#           batches relayed from a peer), else -1
+#   ids:    JSON list of the ids that cannot be made again (of runs with send time -1), in
+#           order (ASCII-escaped)
 #   data:   the ACTIVITY_BROADCAST lines, each ending in "\n" (none holds another)
 #   ranges: JSON {"origin number": [lowest seq, highest seq]} of the segment (own ids only)
 _SEGMENTS_2 = """
@@ -235,7 +238,7 @@ class _Batch:
     def __init__(self):
         self.users = {}  # name -> secret
         self.blocked = {}  # name -> True (ordered set)
-        self.activities = []  # recorded batches: (first position, ids, origin, first seq, data)
+        self.activities = []  # recorded batches: (first position, ids, origin, first seq, data, sent)
         self.activity_count = 0  # the activities in them
         self.tickets = []
 
@@ -358,7 +361,7 @@ class Store:
         if not self._refused(_BLOCK):
             self._queue.append((_BLOCK, name))
 
-    def record(self, first_position, ids, origin, first_seq, data):
+    def record(self, first_position, ids, origin, first_seq, data, sent_ms=None):
         """Record a batch of activities as published (``State._publish_all``, or one activity:
         ``State._publish``): the relay's verb, one call per batch under the state lock, so
         it does nothing per activity and its arguments are taken as they are:
@@ -368,12 +371,14 @@ class Store:
           origin, first_seq: for ids of ours from one origin with consecutive seqs from
                 ``first_seq`` (``protocol.parse_id``, ``parse_run``); both None for foreign ids
           data: their ACTIVITY_BROADCAST lines, bytes, each ending in "\\n", concatenated
+          sent_ms: when every id is ``protocol.make_ids(origin, seqs, sent_ms)``'s: then the
+                store keeps no copy of the ids (it makes them again when reading)
         Past ``max_queue`` activities waiting (a failing or far too slow disk) the oldest batch
         is dropped (counted), and after ``close`` the batch is: memory and relaying go on."""
         if self._closed:
             self._refused_counts[_ACTIVITY] += len(ids)
             return
-        self._activities.append((first_position, ids, origin, first_seq, data))
+        self._activities.append((first_position, ids, origin, first_seq, data, sent_ms))
         self._recorded += len(ids)
         if self._recorded - self._taken - self._shed > self._max_queue:
             try:
@@ -565,7 +570,7 @@ class Store:
         highs = {}  # origin number -> highest seq in this commit
         # Per batch a little Python; per activity only C (joining ids, copying bytes).
         for part in _segments(batches):
-            firsts, ids, origins, first_seqs, data = zip(*part)
+            firsts, ids, origins, first_seqs, data, sents = zip(*part)
             for origin in sorted(set(origins) - origin_nos.keys() - {None}):
                 origin_nos[origin] = db.execute(
                     "INSERT INTO origins (origin, high, first_pos, last_pos) VALUES (?, 0, ?, 0)",
@@ -581,12 +586,15 @@ class Store:
                 else:
                     low, high = ranges.get(number, (seq, seq + count - 1))
                     ranges[number] = [min(low, seq), max(high, seq + count - 1)]
-            all_ids = itertools.chain.from_iterable(ids)
-            if foreign:
-                ids_json = _json(list(all_ids))
+            sents = [-1 if sent is None else sent for sent in sents]
+            listed = [run_ids for run_ids, sent in zip(ids, sents) if sent == -1]
+            if not listed:
+                ids_json = "[]"
+            elif foreign:
+                ids_json = _json(list(itertools.chain.from_iterable(listed)))
             else:  # our ids need no escaping (protocol's _OWN_ID): as json.dumps would write them
-                ids_json = '["' + '","'.join(all_ids) + '"]'
-            runs = array(_INT64, itertools.chain.from_iterable(zip(firsts, counts, numbers, seqs)))
+                ids_json = '["' + '","'.join(itertools.chain.from_iterable(listed)) + '"]'
+            runs = array(_INT64, itertools.chain.from_iterable(zip(firsts, counts, numbers, seqs, sents)))
             db.execute("INSERT INTO segments VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
                        (firsts[-1] + counts[-1] - 1, firsts[0], sum(counts), foreign,
                         _json(ranges), runs, ids_json, b"".join(data)))
@@ -670,6 +678,7 @@ class Store:
 
     def _load(self, history):
         with _reader(self.path) as db:
+            origins = _origins(db)
             users = {_text(name): _text(secret)
                      for name, secret in db.execute("SELECT name, secret FROM users")}
             blocked = {_text(name) for (name,) in db.execute("SELECT name FROM blocked")}
@@ -678,7 +687,7 @@ class Store:
             for segment in db.execute(f"SELECT {_SEGMENT_COLUMNS} FROM segments ORDER BY last_pos DESC"):
                 if wanted <= 0:
                     break
-                rows = _unpack(*segment)[-wanted:]
+                rows = _unpack(origins, *segment)[-wanted:]
                 wanted -= len(rows)
                 newest.append([(position, activity_id, line)
                                for position, activity_id, _no, _seq, line in rows])
@@ -707,16 +716,18 @@ class Store:
                 rows = db.execute("SELECT runs, ids FROM segments WHERE json_extract(ranges, ?) <= ? "
                                   "AND json_extract(ranges, ?) >= ? ORDER BY last_pos DESC",
                                   (key + "[0]", seq, key + "[1]", seq))
+            origins = _origins(db)
             for runs, ids in rows:
-                for position, stored_id in zip(_positions(runs), json.loads(ids)):
+                positions, stored_ids, _numbers, _seqs = _index(origins, runs, ids)
+                for position, stored_id in zip(positions, stored_ids):
                     if stored_id == activity_id:
                         return position
         return None
 
     def missing(self, marks=None, after=0, below=None, start=0):
         """Stored activities a peer lacks, in position order, as lists (a segment's: about
-        SEGMENT_MAX long at most) of (position, id, line); only positions from ``start`` and below ``below`` (what
-        memory lacks).
+        SEGMENT_MAX long at most) of (position, id, line); only positions from ``start`` and
+        below ``below`` (what memory lacks).
 
         The rule is ``recovery.missing_entries``'s: without ``marks``, everything after
         position ``after``; with marks (origin -> highest seq the peer holds), our ids above the
@@ -727,8 +738,7 @@ class Store:
         end = below if below is not None else self._last_position + 1
         with _reader(self.path) as db:
             if marks:
-                nos = dict(db.execute("SELECT no, origin FROM origins"))
-                need_above = {no: marks.get(origin, 0) for no, origin in nos.items()}
+                need_above = {no: marks.get(origin, 0) for no, origin in _origins(db).items()}
                 first = _first_needed(db, need_above, after)
             else:
                 need_above = None
@@ -740,9 +750,10 @@ class Store:
                                       (start,)).fetchall()
                 if not segments:
                     return
+                origins = _origins(db)  # (the writer may have added one since the last read)
                 for last_pos, *columns in segments:
                     picked = [(position, activity_id, line)
-                              for position, activity_id, no, seq, line in _unpack(*columns)
+                              for position, activity_id, no, seq, line in _unpack(origins, *columns)
                               if start <= position < end
                               and (need_above is None or no == FOREIGN and position > after
                                    or no != FOREIGN and seq > need_above.get(no, 0))]
@@ -864,29 +875,43 @@ def _segments(batches):
 
 
 def _run_items(runs):
-    """A segment's runs (its blob) as (first position, count, origin number, first seq)."""
+    """A segment's runs (its blob) as (first position, count, origin number, first seq, sent)."""
     values = _ints(_INT64, runs)
-    return zip(values[0::4], values[1::4], values[2::4], values[3::4])
-
-
-def _positions(runs):
-    return itertools.chain.from_iterable(range(first, first + count)
-                                         for first, count, _no, _seq in _run_items(runs))
+    return zip(values[0::5], values[1::5], values[2::5], values[3::5], values[4::5])
 
 
 _SEGMENT_COLUMNS = "runs, ids, data"
 
 
-def _unpack(runs, ids, data):
-    """A segment's activities (its _SEGMENT_COLUMNS): [(position, id, origin number, seq, line)]."""
-    numbers, seqs = [], []
-    for _first, count, number, seq in _run_items(runs):
-        numbers += itertools.repeat(number, count)
-        seqs += range(seq, seq + count) if number != FOREIGN else itertools.repeat(0, count)
+def _origins(db):
+    """{origin number: origin}, for ``_unpack``."""
+    return dict(db.execute("SELECT no, origin FROM origins"))
+
+
+def _unpack(origins, runs, ids, data):
+    """A segment's activities (its _SEGMENT_COLUMNS): [(position, id, origin number, seq, line)];
+    ``origins`` is ``_origins``'s (ids of ours are made again from their runs)."""
     lines = data.split(b"\n")
     lines.pop()  # after the last "\n"
-    return list(zip(_positions(runs), json.loads(ids), numbers, seqs,
-                    [line + b"\n" for line in lines]))
+    return list(zip(*_index(origins, runs, ids), [line + b"\n" for line in lines]))
+
+
+def _index(origins, runs, ids):
+    """A segment's positions, ids, origin numbers and seqs, as four lists."""
+    positions, all_ids, numbers, seqs = [], [], [], []
+    listed = iter(json.loads(ids))
+    for first, count, number, seq, sent in _run_items(runs):
+        positions += range(first, first + count)
+        numbers += itertools.repeat(number, count)
+        if number == FOREIGN:
+            seqs += itertools.repeat(0, count)
+        else:
+            seqs += range(seq, seq + count)
+        if sent == -1:
+            all_ids += itertools.islice(listed, count)
+        else:
+            all_ids += protocol.make_ids(origins[number], range(seq, seq + count), sent)
+    return positions, all_ids, numbers, seqs
 
 
 def _segments_as_runs(db):
@@ -900,11 +925,11 @@ def _segments_as_runs(db):
         runs = []
         for position, number, seq in zip(_ints(_INT64, positions), _ints(_INT32, numbers),
                                          _ints(_INT64, seqs)):
-            if runs and position == runs[-4] + runs[-3] and number == runs[-2] and (
-                    number == FOREIGN or seq == runs[-1] + runs[-3]):
-                runs[-3] += 1
+            if runs and position == runs[-5] + runs[-4] and number == runs[-3] and (
+                    number == FOREIGN or seq == runs[-2] + runs[-4]):
+                runs[-4] += 1
             else:
-                runs += [position, 1, number, seq if number != FOREIGN else 0]
+                runs += [position, 1, number, seq if number != FOREIGN else 0, -1]
         ends = list(itertools.accumulate(_ints(_INT32, lengths)))
         lines = [data[start:end].rstrip(b"\n") + b"\n" for start, end in zip([0] + ends[:-1], ends)]
         db.execute("INSERT INTO segments VALUES (?, ?, ?, ?, ?, ?, ?, ?)",

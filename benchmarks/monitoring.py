@@ -150,7 +150,8 @@ def monitor_overhead(ctx, count, rounds):
     cpu_off, cpu_on = (1e6 * statistics.mean(cpu[mode]) for mode in (False, True))
     ctx.row("CPU of A and B per activity, monitor off", round(cpu_off, 1), "µs")
     ctx.row("CPU of A and B per activity, monitor on", round(cpu_on, 1), "µs",
-            note=f"{100 * (cpu_on / cpu_off - 1):+.1f}% against off")
+            note=(f"{100 * (cpu_on / cpu_off - 1):+.1f}% against off" if cpu_off
+                  else "the stream was too short for the CPU clock's 10 ms ticks"))
     bad = sum(1 for status in scrapes if status != 200)
     ctx.row(f"/metrics scrapes answered other than 200 (of {len(scrapes)})", bad, "scrapes",
             Target("==", 0), check=True)

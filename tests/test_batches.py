@@ -126,10 +126,12 @@ OWN = "0123456789abcdef"
 
 
 @pytest.mark.parametrize("ids, expected", [
-    ([f"{OWN}:5:100", f"{OWN}:6:101", f"{OWN}:7:99"], (OWN, 5, 99)),
-    ([f"{OWN}:1:1"], (OWN, 1, 1)),
-    ([f"{OWN}:8:100", f"{OWN}:9:99", f"{OWN}:10:1000", f"{OWN}:11:7"], (OWN, 8, 7)),  # lengths differ
-    ([f"{OWN}:098:5", f"{OWN}:099:5", f"{OWN}:100:5"], (OWN, 98, 5)),  # zeros ahead: as parse_id reads
+    ([f"{OWN}:5:100", f"{OWN}:6:101", f"{OWN}:7:99"], (OWN, 5, 99, None)),
+    ([f"{OWN}:1:1"], (OWN, 1, 1, 1)),
+    ([f"{OWN}:9:7", f"{OWN}:10:7"], (OWN, 9, 7, 7)),  # one send time: make_ids writes them from it
+    ([f"{OWN}:8:100", f"{OWN}:9:99", f"{OWN}:10:1000", f"{OWN}:11:7"], (OWN, 8, 7, None)),  # lengths differ
+    ([f"{OWN}:098:5", f"{OWN}:099:5", f"{OWN}:100:5"], (OWN, 98, 5, None)),  # zeros ahead: as parse_id
+    ([f"{OWN}:98:05", f"{OWN}:99:05"], (OWN, 98, 5, None)),  # reads them, but make_ids writes no zeros
     ([f"{OWN}:10:5", f"{OWN}:12:5", f"{OWN}:11:5"], None),  # from 10 to 12, but not in order
     ([f"{OWN}:10:5", f"{OWN}:12:5", f"{OWN}:12:5"], None),
     ([f"{OWN}:9:5", f"{OWN}:11:5", f"{OWN}:10:5"], None),
@@ -150,6 +152,7 @@ def test_parse_run_reads_only_a_run_of_one_origin(ids, expected):
         parsed = [protocol.parse_id(i) for i in ids]
         assert [p[:2] for p in parsed] == [(run[0], run[1] + k) for k in range(len(ids))]
         assert run[2] == min(p[2] for p in parsed)
+        assert run[3] is None or ids == protocol.make_ids(run[0], range(run[1], run[1] + len(ids)), run[3])
 
 
 @settings(max_examples=300, deadline=None)
@@ -168,7 +171,9 @@ def test_parse_run_agrees_with_parse_id(parts, consecutive):
     run = protocol.parse_run(ids)
     assert (run is not None) == is_run
     if run is not None:
-        assert run == (parsed[0][0], parsed[0][1], min(p[2] for p in parsed))
+        assert run[:3] == (parsed[0][0], parsed[0][1], min(p[2] for p in parsed))
+        remade = protocol.make_ids(run[0], range(run[1], run[1] + len(ids)), run[3])
+        assert (run[3] is not None) == (ids == remade)
 
 
 def _state_of(intake):

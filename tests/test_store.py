@@ -371,27 +371,36 @@ def test_a_version_1_database_has_its_segments_rewritten_as_runs_and_reads_the_s
         assert db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 2
         runs = array("q", db.execute("SELECT runs FROM segments WHERE last_pos = 7").fetchone()[0])
     db.close()
-    assert list(runs) == [1, 3, 1, 1,  4, 1, 0, 0,  6, 1, 2, 7,  7, 1, 1, 4]
+    # (first position, count, origin number, first seq, send time: -1, the ids are listed)
+    assert list(runs) == [1, 3, 1, 1, -1,  4, 1, 0, 0, -1,  6, 1, 2, 7, -1,  7, 1, 1, 4, -1]
 
 
 def test_a_batch_is_recorded_in_one_call_and_read_back_activity_by_activity(open_store):
     """The relay records what one read brought (``State._publish_all``) as it is: the ids, the
-    lines joined, and for our ids their origin and first seq. Lines are cut at "\\n" only (a
-    peer's line may hold a "\\r" between its JSON tokens)."""
+    lines joined, and for our ids their origin and first seq, and their send time when they
+    all have the one ``make_ids`` wrote (then they are not stored, but made again). Lines are
+    cut at "\\n" only (a peer's line may hold a "\\r" between its JSON tokens)."""
     store = open_store()
     seqs = [store.next_seq() for _ in range(3)]
     ids = protocol.make_ids(store.origin, seqs, 1_700_000_000_000)
     lines = [line_for(activity_id, text) for activity_id, text in zip(ids, "abc")]
-    store.record(1, ids, store.origin, seqs[0], b"".join(lines))
+    store.record(1, ids, store.origin, seqs[0], b"".join(lines), 1_700_000_000_000)
     foreign = [b'{"id":"J1",\r"n":1}\n', b'{"id":"J2"}\n']
     store.record(4, ["J1", "J2"], None, None, b"".join(foreign))
+    odd = [protocol.make_id(ORIGIN_B, 5, 1), f"{ORIGIN_B}:06:1"]  # as parse_id reads it: seq 6
+    store.record(6, odd, ORIGIN_B, 5, b"".join(map(line_for, odd)))
     assert store.flush(timeout=10)
     loaded = store.load(history=10)
-    assert loaded.history == list(zip([1, 2, 3, 4, 5], ids + ["J1", "J2"], lines + foreign))
-    assert loaded.marks == {store.origin: seqs[-1]}
-    assert store.position_of(ids[1]) == 2 and store.position_of("J2") == 5
+    assert loaded.history == list(zip(range(1, 8), ids + ["J1", "J2"] + odd,
+                                      lines + foreign + list(map(line_for, odd))))
+    assert loaded.marks == {store.origin: seqs[-1], ORIGIN_B: 6}
+    assert [store.position_of(i) for i in (ids[1], "J2", odd[1])] == [2, 5, 7]
+    assert store.position_of(protocol.make_id(store.origin, seqs[1], 1_700_000_000_001)) is None
+    with sqlite3.connect(store.path) as db:
+        assert db.execute("SELECT ids FROM segments").fetchone() == ('["J1","J2","%s","%s"]' % tuple(odd),)
+    db.close()
     with pytest.raises(ValueError, match="one line ending in a newline"):
-        store.add_activity(6, "J3", b'{"id":"J3"}', None, None)
+        store.add_activity(8, "J3", b'{"id":"J3"}', None, None)
 
 
 # --- a failing disk ----------------------------------------------------------------------------
