@@ -18,13 +18,13 @@ registration within one or two commit times. ``add_user`` returns a ``Ticket``: 
 waits on it *outside* the lock and sends REGISTER_SUCCESS only once the user is committed.
 
 Activities are stored a commit at a time, as segments (see ``_SEGMENTS_2``) indexed by the
-batches recorded, not by activity, in 16 KiB pages. Inside a server under the durable-chain
-benchmark the writer thread costs about 0.6-1.0 us of CPU per activity on this 2-core virtual
-machine (2.0-2.3 us when segments were built from a tuple per activity, schema version 1; a
-row per activity cost 5-7 us). Three quarters of it is the kernel's: copying the bytes into
-the page cache, for the WAL and again for the database at each checkpoint (about 500 bytes
-written per activity of 215), and writing them out; the rest is SQLite and each commit's
-fixed cost.
+batches recorded, not by activity, in 16 KiB pages; ids that ``make_ids`` wrote from one send
+time are not stored but made again when read. Inside a server under the durable-chain benchmark
+the writer thread costs about 0.6-1.0 us of CPU per activity on this 2-core virtual machine
+(2.0-2.3 us when segments were built from a tuple per activity, schema version 1; a row per
+activity cost 5-7 us). Three quarters of it is the kernel's: copying the bytes into the page
+cache, for the WAL and again for the database at each checkpoint (about 400 bytes written per
+activity of 200), and writing them out; the rest is SQLite and each commit's fixed cost.
 
 Reads (``load`` at start-up, ``position_of`` and ``missing`` for recovery) open their own
 connection: under WAL they never block the writer, nor it them. ``missing`` reads in chunks, each
