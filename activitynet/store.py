@@ -519,7 +519,7 @@ class Store:
         if reserve is not None:
             self._reserved, self._extend_at = reserve, reserve - SEQ_BLOCK // 2
         self.counts["commits"] += 1
-        self.counts["activities_committed"] += len(batch.activities)
+        self.counts["activities_committed"] += batch.activity_count
         self.counts["users_committed"] += len(batch.users)
         self._last_commit = time.time()
         if self._failure is not None:

@@ -390,6 +390,7 @@ def test_a_batch_is_recorded_in_one_call_and_read_back_activity_by_activity(open
     odd = [protocol.make_id(ORIGIN_B, 5, 1), f"{ORIGIN_B}:06:1"]  # as parse_id reads it: seq 6
     store.record(6, odd, ORIGIN_B, 5, b"".join(map(line_for, odd)))
     assert store.flush(timeout=10)
+    assert store.status()["activities_committed"] == 7  # activities, not the 3 batches
     loaded = store.load(history=10)
     assert loaded.history == list(zip(range(1, 8), ids + ["J1", "J2"] + odd,
                                       lines + foreign + list(map(line_for, odd))))
