@@ -11,10 +11,11 @@ The recording verbs (``record``, ``add_user``, ``block_name``, ``set_peer_mark``
 are called by the server under its state lock, so they do no I/O: each appends to an in-memory
 queue (or sets a dict item) in O(1). ``record`` is called once per relayed *batch* (the
 activities of one read of a connection, already joined into the bytes every connection is sent)
-and queues it as it is: nothing runs per activity on the relay's side. One writer thread looks at the queues every ``GATHER_S`` (at once when a registration or a flush
-waits) and commits everything it found in one transaction (group commit), so an activity is
-committed within about ``GATHER_S`` plus two commit times of its arrival (under 100 ms), and a
-registration within one or two commit times. ``add_user`` returns a ``Ticket``: the server
+and queues it as it is: nothing runs per activity on the relay's side. One writer thread looks
+at the queues every ``GATHER_S`` (at once when a registration or a flush waits) and commits
+everything it found in one transaction (group commit), so an activity is committed within about
+``GATHER_S`` plus two commit times of its arrival (under 100 ms), and a registration within one
+or two commit times. ``add_user`` returns a ``Ticket``: the server
 waits on it *outside* the lock and sends REGISTER_SUCCESS only once the user is committed.
 
 Activities are stored a commit at a time, as segments (see ``_SEGMENTS_2``) indexed by the
@@ -35,7 +36,8 @@ How the server uses it (issue 10): ``Store.open(dir, disk_history)`` at start-up
 per-peer marks (``State._restore``); ``next_seq()`` for every own id; under the state lock
 ``add_user`` (``users.DurableUsers``; the connection's reader thread sends REGISTER_SUCCESS once
 the ticket is settled, ``State.send_held``), ``block_name``, ``record`` with the history position
-(``State._publish_all``, ``State._publish``), the peer marks through a shared dict (``share_peer_marks``); outside it
+(``State._publish_all``, ``State._publish``), the peer marks through a shared dict
+(``share_peer_marks``); outside it
 ``missing(marks, after, below=first position in memory)`` to refill a peer from disk before the
 in-memory part (``State.peer_asked``); ``status()`` for health checks (``Server.store_status``);
 ``close()`` after the last connection.
@@ -115,6 +117,7 @@ PAGE_SIZE = 16384  # of a new database: SQLite costs less CPU per byte than with
 WAL_CHECKPOINT_BYTES = 16 << 20  # the WAL is copied into the database this often
 
 FOREIGN = 0  # origin number of activities whose ids are not ours (opaque; their seq is null)
+LISTED = -1  # a run's send time when its ids are stored in the segment's ids column
 
 # Schema version 1, the tables. Its segments held, per activity, a position, origin number, seq
 # and length (int arrays): version 2 replaced them with runs (see _SEGMENTS_2).
@@ -144,8 +147,8 @@ CREATE TABLE peer_marks (peer BLOB PRIMARY KEY, value BLOB NOT NULL) WITHOUT ROW
 #           the origin number of its ids (FOREIGN, 0, for foreign ids), the seq of its first
 #           id (the others follow it; 0 for foreign ids), and the send time (ms) all its ids
 #           share when they are ``protocol.make_ids``' of it (our client batches, and most
-#           batches relayed from a peer), else -1
-#   ids:    JSON list of the ids that cannot be made again (of runs with send time -1), in
+#           batches relayed from a peer), else LISTED (-1)
+#   ids:    JSON list of the ids that cannot be made again (of runs with send time LISTED), in
 #           order (ASCII-escaped)
 #   data:   the ACTIVITY_BROADCAST lines, each ending in "\n" (none holds another)
 #   ranges: JSON {"origin number": [lowest seq, highest seq]} of the segment (own ids only)
@@ -486,7 +489,7 @@ class Store:
         if taken:
             count = sum(len(entry[1]) for entry in taken)
             self._taken += count
-            last = taken[-1][0] + len(taken[-1][1]) - 1
+            last = _last_position(taken[-1])
             if last > self._last_position:
                 self._last_position = last  # the end of what ``missing`` may read
             batch.activities += taken
@@ -586,8 +589,8 @@ class Store:
                 else:
                     low, high = ranges.get(number, (seq, seq + count - 1))
                     ranges[number] = [min(low, seq), max(high, seq + count - 1)]
-            sents = [-1 if sent is None else sent for sent in sents]
-            listed = [run_ids for run_ids, sent in zip(ids, sents) if sent == -1]
+            sents = [LISTED if sent is None else sent for sent in sents]
+            listed = [run_ids for run_ids, sent in zip(ids, sents) if sent == LISTED]
             if not listed:
                 ids_json = "[]"
             elif foreign:
@@ -596,12 +599,11 @@ class Store:
                 ids_json = '["' + '","'.join(itertools.chain.from_iterable(listed)) + '"]'
             runs = array(_INT64, itertools.chain.from_iterable(zip(firsts, counts, numbers, seqs, sents)))
             db.execute("INSERT INTO segments VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                       (firsts[-1] + counts[-1] - 1, firsts[0], sum(counts), foreign,
+                       (_last_position(part[-1]), firsts[0], sum(counts), foreign,
                         _json(ranges), runs, ids_json, b"".join(data)))
             for number, (_low, high) in ranges.items():
                 highs[number] = max(high, highs.get(number, 0))
-        last_pos = batches[-1][0] + len(batches[-1][1]) - 1
-        # for origins.last_pos an upper bound is enough
+        last_pos = _last_position(batches[-1])  # for origins.last_pos an upper bound is enough
         db.executemany("UPDATE origins SET high = max(high, ?), last_pos = ? WHERE no = ?",
                        [(high, last_pos, number) for number, high in highs.items()])
         cutoff = last_pos - self.disk_history
@@ -860,6 +862,11 @@ def _ints(kind, blob):
     return values
 
 
+def _last_position(batch):
+    """The position of a recorded batch's last activity (they are numbered one each)."""
+    return batch[0] + len(batch[1]) - 1
+
+
 def _segments(batches):
     """``batches`` cut into segments: lists of whole batches of at most SEGMENT_MAX activities
     in all, unless one batch alone holds more."""
@@ -907,7 +914,7 @@ def _index(origins, runs, ids):
             seqs += itertools.repeat(0, count)
         else:
             seqs += range(seq, seq + count)
-        if sent == -1:
+        if sent == LISTED:
             all_ids += itertools.islice(listed, count)
         else:
             all_ids += protocol.make_ids(origins[number], range(seq, seq + count), sent)
@@ -929,7 +936,7 @@ def _segments_as_runs(db):
                     number == FOREIGN or seq == runs[-2] + runs[-4]):
                 runs[-4] += 1
             else:
-                runs += [position, 1, number, seq if number != FOREIGN else 0, -1]
+                runs += [position, 1, number, seq if number != FOREIGN else 0, LISTED]
         ends = list(itertools.accumulate(_ints(_INT32, lengths)))
         lines = [data[start:end].rstrip(b"\n") + b"\n" for start, end in zip([0] + ends[:-1], ends)]
         db.execute("INSERT INTO segments VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
