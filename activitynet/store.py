@@ -11,12 +11,13 @@ The recording verbs (``record``, ``add_user``, ``block_name``, ``set_peer_mark``
 are called by the server under its state lock, so they do no I/O: each appends to an in-memory
 queue (or sets a dict item) in O(1). ``record`` is called once per relayed *batch* (the
 activities of one read of a connection, already joined into the bytes every connection is sent)
-and queues it as it is: nothing runs per activity on the relay's side. One writer thread looks
-at the queues every ``GATHER_S`` (at once when a registration or a flush waits) and commits
-everything it found in one transaction (group commit), so an activity is committed within about
-``GATHER_S`` plus two commit times of its arrival (under 100 ms), and a registration within one
-or two commit times. ``add_user`` returns a ``Ticket``: the server
-waits on it *outside* the lock and sends REGISTER_SUCCESS only once the user is committed.
+and queues it as it is: nothing runs per activity on the relay's side. One writer thread sleeps
+until something is queued (an idle server's writer does not wake), gathers for ``GATHER_S``
+(not when a registration or a flush waits) and commits everything it found in one transaction
+(group commit), so an activity is committed within about ``GATHER_S`` plus two commit times of
+its arrival (under 100 ms), and a registration within one or two commit times. ``add_user``
+returns a ``Ticket``: the server waits on it *outside* the lock and sends REGISTER_SUCCESS only
+once the user is committed.
 
 Activities are stored a commit at a time, as segments (see ``_SEGMENTS_2``) indexed by the
 batches recorded, not by activity, in 16 KiB pages; ids that ``make_ids`` wrote from one send
@@ -26,6 +27,9 @@ the writer thread costs about 0.6-1.0 us of CPU per activity on this 2-core virt
 activity cost 5-7 us). Three quarters of it is the kernel's: copying the bytes into the page
 cache, for the WAL and again for the database at each checkpoint (about 400 bytes written per
 activity of 200), and writing them out; the rest is SQLite and each commit's fixed cost.
+A commit that does not fsync writes only its segments (the per-origin summary waits for the
+next fsync, see ``_ORIGINS_COVERED_3``): under a trickle (one activity per commit) that is one
+16 KiB page, about 15 KB written per activity.
 
 Reads (``load`` at start-up, ``position_of`` and ``missing`` for recovery) open their own
 connection: under WAL they never block the writer, nor it them. ``missing`` reads in chunks, each
@@ -49,15 +53,17 @@ WAL (and with it every earlier commit), under NORMAL it leaves the bytes in the 
 (fsynced at the next FULL commit or checkpoint). The writer commits with FULL whatever someone
 waits for or must never lose: a registration or learned user, a flush, a blocked name, the
 sequence reservation; and any commit made ``SYNC_EVERY_S`` (1 s) or more after the last fsync.
-Other commits (activities and peer marks only) use NORMAL: that saves an fsync per group commit.
+Other commits (activities only) use NORMAL: that saves an fsync per group commit. Peer marks
+are written by the fsynced commits only.
 - ``kill -9`` of the server: only what was not yet committed, i.e. activities that arrived in the
   last ~100 ms (on restart the per-origin marks are exactly what was committed, so the recovery
-  routine asks the peers for the rest), the latest peer marks and pending learned users (SYNC_USER
+  routine asks the peers for the rest), the peer marks of the last second at most (older ones
+  make a peer resend what de-duplication then drops) and pending learned users (SYNC_USER
   brings them back). A NORMAL commit survives it: its bytes are in the page cache, which the
   kernel writes out anyway. Never an acknowledged registration: REGISTER_SUCCESS waits for the
   commit, and that commit is fsynced.
-- A power cut or kernel crash: the same, and also the activities and peer marks of the NORMAL
-  commits since the last fsync, all made within ``SYNC_EVERY_S`` of it: at most about the last
+- A power cut or kernel crash: the same, and also the activities of the NORMAL commits since
+  the last fsync, all made within ``SYNC_EVERY_S`` of it: at most about the last
   second of activities (the per-origin marks roll back with them, so recovery asks the peers
   for those too). Never a registration, learned user or blocked name that was committed, nor the
   reservation: their commits are fsynced. The database itself is never damaged (WAL
@@ -160,10 +166,20 @@ CREATE TABLE segments (last_pos INTEGER PRIMARY KEY, first_pos INTEGER NOT NULL,
 CREATE INDEX segments_with_foreign_ids ON segments (last_pos) WHERE foreign_count > 0;
 """
 
+# The per-origin summary (version 3). A commit that fsyncs brings the origins table's high and
+# last_pos up to date (and writes the peer marks) and records in meta "origins_at" the last
+# position they cover; commits in between write only their segments, whose ``ranges`` say the
+# rest (``_origin_rows`` adds them up when reading). A small commit then rewrites one page, not
+# three: a trickle of 20 activities/s wrote about 1 MB/s when every commit updated the origins
+# and peer marks. Versions 1 and 2 updated origins every commit: all is covered.
+_ORIGINS_COVERED_3 = ("INSERT OR REPLACE INTO meta VALUES "
+                      "('origins_at', (SELECT coalesce(max(last_pos), 0) FROM segments))")
+
 # MIGRATIONS[v] takes a database from schema version v to v + 1, inside one transaction.
 MIGRATIONS = [
     lambda db: _execute_script(db, _SCHEMA_1),
     lambda db: _segments_as_runs(db),
+    lambda db: db.execute(_ORIGINS_COVERED_3),
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
 
@@ -297,6 +313,7 @@ class Store:
         self._recorded = 0  # activities given to ``record`` (written by the relay only)
         self._shed = 0  # of those, dropped by ``record`` as too many waited (the relay only)
         self._taken = 0  # of those, taken by the writer (the writer only)
+        self._wake = threading.Event()  # something to write: the writer sleeps until then
         self._urgent = threading.Event()  # someone waits for a commit (or closing): commit now
         self._stop = threading.Event()
         self._committed = threading.Condition()  # notified after each commit attempt
@@ -314,6 +331,9 @@ class Store:
         self._writer_cpu = 0.0  # CPU seconds the writer thread has used
         self._origin_nos = dict(db.execute("SELECT origin, no FROM origins"))
         self._last_position = db.execute("SELECT coalesce(max(last_pos), 0) FROM segments").fetchone()[0]
+        self._committed_last = self._last_position  # the last position committed (writer only)
+        self._origins_at = _origins_covered(db)  # the last position the origins table covers
+        self._pending_highs = {}  # origin number -> [last position, high] committed since then
         self._sync_now = synchronous  # the writer connection's PRAGMA synchronous
         self._last_sync = time.monotonic()  # of the last commit that fsynced the WAL
         self._unsynced = False  # a commit since then was not fsynced
@@ -331,8 +351,9 @@ class Store:
         db = self._db
         meta = dict(db.execute("SELECT key, value FROM meta"))
         origin = meta.get("origin") or protocol.new_origin()
-        row = db.execute("SELECT high FROM origins WHERE origin = ?", (origin,)).fetchone()
-        first = max(int(meta.get("seq_reserved", 0)), row[0] if row else 0) + 1
+        number = self._origin_nos.get(origin)
+        high = _origin_rows(db)[number][2] if number is not None else 0
+        first = max(int(meta.get("seq_reserved", 0)), high) + 1
         self._reserved = first - 1 + SEQ_BLOCK
         with _transaction(db):
             db.executemany("INSERT OR REPLACE INTO meta VALUES (?, ?)",
@@ -356,13 +377,14 @@ class Store:
             return ticket
         self._queue.append((_USER, name, secret, ticket))
         if not self._urgent.is_set():  # (an Event's set takes its lock: not once per user)
-            self._urgent.set()
+            self._hurry()
         return ticket
 
     def block_name(self, name):
         """Record a name deleted by a conflict (its user row goes too)."""
         if not self._refused(_BLOCK):
             self._queue.append((_BLOCK, name))
+            self._wake.set()
 
     def record(self, first_position, ids, origin, first_seq, data, sent_ms=None):
         """Record a batch of activities as published (``State._publish_all``, or one activity:
@@ -381,7 +403,10 @@ class Store:
         if self._closed:
             self._refused_counts[_ACTIVITY] += len(ids)
             return
-        self._activities.append((first_position, ids, origin, first_seq, data, sent_ms))
+        activities = self._activities
+        activities.append((first_position, ids, origin, first_seq, data, sent_ms))
+        if len(activities) == 1:  # the writer drains them all: only then may it be asleep
+            self._wake.set()
         self._recorded += len(ids)
         if self._recorded - self._taken - self._shed > self._max_queue:
             try:
@@ -403,6 +428,7 @@ class Store:
         """Remember per-peer bookkeeping (say the last id received from ``peer_key``); only the
         latest value per key is written."""
         self._peer_marks[peer_key] = value
+        self._wake.set()
 
     def share_peer_marks(self, marks):
         """Take ``marks`` (a dict: peer key -> value, changed by the caller under its lock) as the
@@ -422,8 +448,13 @@ class Store:
         False on timeout, raises StoreError if the disk is failing."""
         ticket = Ticket(self)
         self._queue.append((_FLUSH, ticket))
-        self._urgent.set()
+        self._hurry()
         return ticket.wait(timeout)
+
+    def _hurry(self):
+        """Have the writer commit now, without gathering first."""
+        self._urgent.set()
+        self._wake.set()
 
     def _refused(self, kind):
         """Whether to drop a write: the store is closed, or the queue is full (a failing or
@@ -441,18 +472,22 @@ class Store:
     # --- the writer thread -------------------------------------------------------------------
 
     def _run(self):
-        # Nothing wakes the writer for an activity (that would cost the relay a call each): it
-        # looks every GATHER_S, and at once when a registration or a flush waits (or closing).
+        # The writer sleeps until something is queued (the first activity after a drain wakes
+        # it: one call per commit, not per activity) or an fsync falls due, then gathers for
+        # GATHER_S unless a registration or a flush waits (or closing): at once then.
         batch = _Batch()
         while True:
             if self._failure is None:
-                self._urgent.wait(self._gather_s)
+                self._wake.wait(self._sleep_s())
+                self._wake.clear()
+                if not self._urgent.is_set():
+                    self._urgent.wait(self._gather_s)
             else:
                 self._stop.wait(self._retry_s)
             self._urgent.clear()
             stopping = self._stop.is_set()
             self._drain(batch)
-            self._write(batch)
+            self._write(batch, final=stopping)
             self._waiting = batch.entries()
             self._writer_cpu = time.thread_time()
             if stopping:
@@ -463,6 +498,13 @@ class Store:
             self._fail_tickets(batch, self._failure or "the data store is closed")
         self._checkpoint()
         self._db.close()
+
+    def _sleep_s(self):
+        """How long the writer may sleep with nothing queued: until the fsync (and the origins
+        summary) that commits without one fall due, or for good."""
+        if self._unsynced or self._pending_highs or self._peer_marks != self._stored_peer_marks:
+            return max(0.0, self._last_sync + SYNC_EVERY_S - time.monotonic())
+        return None
 
     def _drain(self, batch):
         """Move what is queued into ``batch``. The other queue first: a flush ticket (or a user's)
@@ -481,8 +523,8 @@ class Store:
                 batch.tickets.append(entry[1])
         activities = self._activities
         taken = []
-        try:  # popleft, not a copy and clear: the relay may append (or shed) meanwhile
-            for _ in range(len(activities)):
+        try:  # popleft to the end, not a copy and clear: the relay may append (or shed) meanwhile,
+            while True:  # and wakes the writer only for an append to an empty queue
                 taken.append(activities.popleft())
         except IndexError:
             pass
@@ -495,20 +537,22 @@ class Store:
             batch.activities += taken
             batch.activity_count += count
 
-    def _write(self, batch):
+    def _write(self, batch, final=False):
         peer_marks = self._peer_marks.copy()  # one C call: atomic against writers
         changed = [(k, v) for k, v in peer_marks.items() if self._stored_peer_marks.get(k) != v]
         reserve = self._last_seq + SEQ_BLOCK if self._last_seq > self._extend_at else None
-        # commits left without fsync by a stream that then stopped: fsynced SYNC_EVERY_S on
-        sync_due = self._unsynced and time.monotonic() - self._last_sync >= SYNC_EVERY_S
-        if not (batch or changed or reserve or sync_due):
+        # commits left without fsync by a stream that then stopped, and the summary they left
+        # out (origins, peer marks): fsynced and written SYNC_EVERY_S on
+        sync_due = ((self._unsynced or self._pending_highs or changed)
+                    and (final or time.monotonic() - self._last_sync >= SYNC_EVERY_S))
+        if not (batch or reserve or sync_due):
             return
         try:
             if self._failure is not None:  # a fresh connection after a failure
                 self._db.close()
                 self._db = _connect(self.path, self._synchronous)
                 self._sync_now = self._synchronous
-            origin_nos = self._commit(batch, changed, reserve)
+            origin_nos, summarized = self._commit(batch, changed, reserve, final)
         except sqlite3.Error as exc:
             self._failed(batch, exc)
             return
@@ -518,7 +562,8 @@ class Store:
             self._failed(batch, exc)
             return
         self._origin_nos = origin_nos
-        self._stored_peer_marks.update(changed)
+        if summarized:
+            self._stored_peer_marks.update(changed)
         if reserve is not None:
             self._reserved, self._extend_at = reserve, reserve - SEQ_BLOCK // 2
         self.counts["commits"] += 1
@@ -533,16 +578,20 @@ class Store:
         batch.__init__()
         self._settle(tickets, None)
 
-    def _commit(self, batch, peer_marks, reserve):
-        """One transaction with everything in ``batch``; returns the origin numbers to use next."""
+    def _commit(self, batch, peer_marks, reserve, final=False):
+        """One transaction with everything in ``batch``, and the summary (``peer_marks``, the
+        origins' highs) if it fsyncs; returns the origin numbers to use next and whether the
+        summary was written."""
         db = self._db
         origin_nos = dict(self._origin_nos)  # kept only if the transaction commits
+        pending = {no: list(row) for no, row in self._pending_highs.items()}  # (likewise)
+        last = _last_position(batch.activities[-1]) if batch.activities else self._committed_last
         now = time.monotonic()
         # What someone waits for (a registration, a flush), a blocked name and the reservation
         # are fsynced (and so is all the WAL before them); activities and peer marks alone only
         # once per SYNC_EVERY_S: a kill -9 loses none of them, a power cut at most that much.
         sync = (self._synchronous if batch.tickets or batch.users or batch.blocked or reserve
-                or now - self._last_sync >= SYNC_EVERY_S else "NORMAL")
+                or final or now - self._last_sync >= SYNC_EVERY_S else "NORMAL")
         if sync != self._sync_now:
             db.execute(f"PRAGMA synchronous = {sync}")
             self._sync_now = sync
@@ -554,23 +603,41 @@ class Store:
                 names = [(_blob(name),) for name in batch.blocked]
                 db.executemany("DELETE FROM users WHERE name = ?", names)
                 db.executemany("INSERT OR IGNORE INTO blocked VALUES (?)", names)
+            summarize = sync == self._synchronous
             if batch.activities:
-                self._insert_activities(db, batch.activities, origin_nos)
-            if peer_marks:
-                db.executemany("INSERT OR REPLACE INTO peer_marks VALUES (?, ?)",
-                               [(_blob(key), _blob(value)) for key, value in peer_marks])
+                self._insert_activities(db, batch.activities, origin_nos, pending)
+                # segments about to go past disk_history must be summarized first
+                summarize = summarize or last - self.disk_history > self._origins_at
             if reserve is not None:
                 db.execute("UPDATE meta SET value = ? WHERE key = 'seq_reserved'", (reserve,))
-            if not (batch or peer_marks or reserve):  # only the fsync is due: write a row for it
-                db.execute("INSERT OR REPLACE INTO meta VALUES ('synced_at', ?)", (time.time(),))
+            if summarize:
+                if pending:
+                    db.executemany("UPDATE origins SET last_pos = max(last_pos, ?), "
+                                   "high = max(high, ?) WHERE no = ?",
+                                   [(*row, no) for no, row in pending.items()])
+                if peer_marks:
+                    db.executemany("INSERT OR REPLACE INTO peer_marks VALUES (?, ?)",
+                                   [(_blob(key), _blob(value)) for key, value in peer_marks])
+                # (and the one row a commit for the fsync alone writes)
+                if last != self._origins_at or not (batch or reserve or peer_marks):
+                    db.execute("INSERT OR REPLACE INTO meta VALUES ('origins_at', ?)", (last,))
+            if batch.activities:
+                _delete_past(db, last - self.disk_history)
         if sync == self._synchronous:
             self._last_sync, self._unsynced = now, False
         else:
             self._unsynced = True
-        return origin_nos
+        self._committed_last = last
+        if summarize:
+            self._origins_at, self._pending_highs = last, {}
+        else:
+            self._pending_highs = pending
+        return origin_nos, summarize
 
-    def _insert_activities(self, db, batches, origin_nos):
-        highs = {}  # origin number -> highest seq in this commit
+    def _insert_activities(self, db, batches, origin_nos, highs):
+        """A segment per SEGMENT_MAX activities of ``batches``; new origins get their number in
+        ``origin_nos``, and ``highs`` (origin number -> [last position, highest seq]) grows
+        to cover the segments."""
         # Per batch a little Python; per activity only C (joining ids, copying bytes).
         for part in _segments(batches):
             firsts, ids, origins, first_seqs, data, sents = zip(*part)
@@ -598,17 +665,13 @@ class Store:
             else:  # our ids need no escaping (protocol's _OWN_ID): as json.dumps would write them
                 ids_json = '["' + '","'.join(itertools.chain.from_iterable(listed)) + '"]'
             runs = array(_INT64, itertools.chain.from_iterable(zip(firsts, counts, numbers, seqs, sents)))
+            last_pos = _last_position(part[-1])
             db.execute("INSERT INTO segments VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                       (_last_position(part[-1]), firsts[0], sum(counts), foreign,
-                        _json(ranges), runs, ids_json, b"".join(data)))
+                       (last_pos, firsts[0], sum(counts), foreign, _json(ranges), runs, ids_json,
+                        b"".join(data)))
             for number, (_low, high) in ranges.items():
-                highs[number] = max(high, highs.get(number, 0))
-        last_pos = _last_position(batches[-1])  # for origins.last_pos an upper bound is enough
-        db.executemany("UPDATE origins SET high = max(high, ?), last_pos = ? WHERE no = ?",
-                       [(high, last_pos, number) for number, high in highs.items()])
-        cutoff = last_pos - self.disk_history
-        if cutoff > 0:  # whole segments: at most disk_history plus the rest of the oldest one
-            db.execute("DELETE FROM segments WHERE last_pos <= ?", (cutoff,))
+                row = highs.setdefault(number, [last_pos, high])
+                row[0], row[1] = last_pos, max(high, row[1])
 
     def _failed(self, batch, exc):
         now = time.monotonic()
@@ -679,7 +742,7 @@ class Store:
                              "or choose another --data-dir") from exc
 
     def _load(self, history):
-        with _reader(self.path) as db:
+        with _reader(self.path) as db, _snapshot(db):
             origins = _origins(db)
             users = {_text(name): _text(secret)
                      for name, secret in db.execute("SELECT name, secret FROM users")}
@@ -693,7 +756,7 @@ class Store:
                 wanted -= len(rows)
                 newest.append([(position, activity_id, line)
                                for position, activity_id, _no, _seq, line in rows])
-            marks = dict(db.execute("SELECT origin, high FROM origins"))
+            marks = {origins[no]: high for no, (_first, _last, high) in _origin_rows(db).items()}
             peer_marks = {_text(key): _text(value)
                           for key, value in db.execute("SELECT peer, value FROM peer_marks")}
         history_entries = [entry for rows in reversed(newest) for entry in rows]
@@ -740,8 +803,9 @@ class Store:
         end = below if below is not None else self._last_position + 1
         with _reader(self.path) as db:
             if marks:
-                need_above = {no: marks.get(origin, 0) for no, origin in _origins(db).items()}
-                first = _first_needed(db, need_above, after)
+                with _snapshot(db):
+                    need_above = {no: marks.get(origin, 0) for no, origin in _origins(db).items()}
+                    first = _first_needed(db, need_above, after)
             else:
                 need_above = None
                 first = after + 1
@@ -792,7 +856,7 @@ class Store:
             return
         self._closed = True
         self._stop.set()
-        self._urgent.set()
+        self._hurry()
         self._writer.join()
         os.close(self._lock_fd)
 
@@ -815,8 +879,7 @@ def _first_needed(db, need_above, after):
     oldest = db.execute("SELECT first_pos FROM segments ORDER BY last_pos LIMIT 1").fetchone()
     if oldest is None:
         return None
-    origins = {no: (first, last, high) for no, first, last, high in
-               db.execute("SELECT no, first_pos, last_pos, high FROM origins")}
+    origins = _origin_rows(db)
     # Settled from the start: an origin the peer holds all of, or with nothing left on disk.
     unsettled = {no for no, mark in need_above.items()
                  if no in origins and origins[no][2] > mark and origins[no][1] >= oldest[0]}
@@ -835,6 +898,33 @@ def _first_needed(db, need_above, after):
                 if low <= need_above[no]:
                     unsettled.discard(no)
     return start
+
+
+def _delete_past(db, cutoff):
+    """Drop the segments at or below ``cutoff``: whole segments, so the disk keeps at most
+    disk_history activities plus the rest of the oldest segment."""
+    if cutoff > 0:
+        db.execute("DELETE FROM segments WHERE last_pos <= ?", (cutoff,))
+
+
+def _origins_covered(db):
+    """The last position the origins table covers (meta "origins_at", see _ORIGINS_COVERED_3)."""
+    row = db.execute("SELECT value FROM meta WHERE key = 'origins_at'").fetchone()
+    return row[0] if row else 0
+
+
+def _origin_rows(db):
+    """{origin number: [first position, last position, highest seq]} as committed: the origins
+    table and the seq ranges of the segments stored after what it covers. Call it inside one
+    read transaction (``_snapshot``), so the two agree."""
+    rows = {no: [first, last, high] for no, first, last, high in
+            db.execute("SELECT no, first_pos, last_pos, high FROM origins")}
+    for last_pos, ranges in db.execute("SELECT last_pos, ranges FROM segments WHERE last_pos > ?",
+                                       (_origins_covered(db),)):
+        for key, (_low, high) in json.loads(ranges).items():
+            row = rows[int(key)]
+            row[1], row[2] = max(row[1], last_pos), max(row[2], high)
+    return rows
 
 
 def _json(value):
@@ -1068,6 +1158,19 @@ class _transaction:
                 self.db.execute("ROLLBACK")
             except sqlite3.Error:
                 pass  # the original error says more; SQLite may have rolled back already
+
+
+class _snapshot:
+    """One read transaction: the statements inside see the same commit."""
+
+    def __init__(self, db):
+        self.db = db
+
+    def __enter__(self):
+        self.db.execute("BEGIN")
+
+    def __exit__(self, *exc_info):
+        self.db.execute("COMMIT")
 
 
 class _reader:

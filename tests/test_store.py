@@ -153,11 +153,48 @@ def test_what_must_survive_a_power_cut_is_fsynced_and_a_stream_within_sync_every
         record(store, position, own_id(store))
         time.sleep(0.01)
     wait_for(lambda: sum(1 for _mode, wrote in commits if "segments" in wrote), lambda n: n >= 2)
-    modes = [mode for mode, wrote in commits if "segments" in wrote]
-    assert modes[0] == "FULL" and "NORMAL" in modes[1:], commits  # the rest within 0.5 s of it
-    wait_for(lambda: commits[-1], lambda last: last == ("FULL", ("meta",)))  # the stream stopped
+    streamed = [(mode, wrote) for mode, wrote in commits if "segments" in wrote]
+    # The first also brings the origins summary up to date; the rest, within 0.5 s of it, write
+    # their segments alone (one page each, whatever the stream's rate).
+    assert streamed[0][0] == "FULL" and set(streamed[0][1]) == {"segments", "origins", "meta"}, commits
+    assert ("NORMAL", ("segments",)) in streamed[1:], commits
+    assert all(wrote == ("segments",) for mode, wrote in streamed if mode == "NORMAL"), commits
+    # the stream stopped: the fsync and the summary they left out follow within SYNC_EVERY_S
+    wait_for(lambda: commits[-1], lambda last: last == ("FULL", ("origins", "meta")))
     store.block_name("mallory")
     wait_for(lambda: commits[-1], lambda last: last == ("FULL", ("users", "blocked")))
+
+
+def test_commits_between_fsyncs_leave_the_origins_summary_to_the_next_and_reads_add_them_up(open_store, monkeypatch):
+    """Only a commit that fsyncs updates the origins table (and the peer marks); the commits
+    in between write their segments alone. What is read back (the marks a restart starts from,
+    what a peer lacks) is what was committed all the same: the segments after the summary
+    are added to it."""
+    monkeypatch.setattr(store_module, "SYNC_EVERY_S", 3600)  # no fsync falls due in this test
+    store = open_store()
+    mine = [own_id(store) for _ in range(3)]
+    record(store, 1, mine[0])
+    assert store.flush(timeout=10)  # a flush fsyncs: the summary covers position 1
+    record(store, 2, mine[1])
+    record(store, 3, protocol.make_id(ORIGIN_B, 7, 1))  # an origin first seen between fsyncs
+    record(store, 4, mine[2])
+    store.set_peer_mark("h:1", mine[2])
+    wait_for(lambda: store.status()["activities_committed"], lambda n: n == 4)
+    with sqlite3.connect(store.path) as db:
+        summary = dict(db.execute("SELECT origin, high FROM origins"))
+        assert db.execute("SELECT count(*) FROM peer_marks").fetchone() == (0,)
+    db.close()
+    assert summary == {store.origin: protocol.parse_id(mine[0])[1], ORIGIN_B: 0}  # behind
+    seqs = [protocol.parse_id(i)[1] for i in mine]
+    loaded = store.load(history=10)
+    assert loaded.marks == {store.origin: seqs[2], ORIGIN_B: 7}
+    assert [e[0] for chunk in store.missing({store.origin: seqs[1], ORIGIN_B: 7}) for e in chunk] == [4]
+    assert [e[0] for chunk in store.missing({store.origin: seqs[2], ORIGIN_B: 6}) for e in chunk] == [3]
+    store.close()  # a clean stop writes the summary
+    with sqlite3.connect(store.path) as db:
+        assert dict(db.execute("SELECT origin, high FROM origins")) == loaded.marks
+        assert dict(db.execute("SELECT peer, value FROM peer_marks")) == {b"h:1": mine[2].encode()}
+    db.close()
 
 
 def test_positions_must_increase(open_store):
@@ -368,7 +405,7 @@ def test_a_version_1_database_has_its_segments_rewritten_as_runs_and_reads_the_s
         assert store.flush(timeout=10)
         assert store.load(history=1).history == [(8, more, line_for(more))]
     with sqlite3.connect(path) as db:
-        assert db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 2
+        assert db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 3
         runs = array("q", db.execute("SELECT runs FROM segments WHERE last_pos = 7").fetchone()[0])
     db.close()
     # (first position, count, origin number, first seq, send time: -1, the ids are listed)
