@@ -76,7 +76,7 @@ class State:
         self.hostname = hostname
         self.port = port
         self.origin = origin or protocol.new_origin()
-        self._next_seq = itertools.count(1).__next__
+        self._take_seqs = _take_seqs_from(1)  # a data store hands them out instead
         self._session_ids = itertools.count(1)
         self._users = Users() if users is None else users
         self._history = History(history_size) if history is None else history
@@ -239,7 +239,7 @@ class State:
         with self._locked:
             self._check_sender(session, username, secret)
             activity["authenticated_user"] = username
-            seq = self._next_seq()
+            seq = self._take_seqs(1)[0]
             sent_ms = int(time.time() * 1000)
             activity_id = protocol.make_id(self.origin, seq, sent_ms)
             line = encode(protocol.activity_broadcast(activity, activity_id))
@@ -279,8 +279,8 @@ class State:
 
     def _stamp_and_publish(self, activities, username):
         """Our own activities, sent by ``username``: numbered, stamped and published in order."""
-        origin, next_seq = self.origin, self._next_seq
-        seqs = [next_seq() for _ in activities]
+        origin = self.origin
+        seqs = self._take_seqs(len(activities))
         sent_ms = int(time.time() * 1000)
         ids = protocol.make_ids(origin, seqs, sent_ms)
         for activity in activities:
@@ -561,12 +561,12 @@ class State:
 
     def _restore(self, store, history_size):
         """Start from what ``store`` kept (before serving, so no lock is needed): the origin and
-        its sequence (``next_seq`` never hands out a number twice), users and blocked names,
+        its sequence (``take_seqs`` never hands out a number twice), users and blocked names,
         the newest ``history_size`` activities numbered on from the store's last position, the
         per-origin marks (de-duplication, and what we ask peers for) and the per-peer marks."""
         loaded = store.load(history_size)
         self.origin = loaded.origin
-        self._next_seq = store.next_seq
+        self._take_seqs = store.take_seqs
         if store.first_seq > 1:  # peers must not hold our activities for the numbers skipped
             self.resumes = (self.origin, store.first_seq)
             self.netmap.set_own(None, [], self.lineage, self.monitor, self.resumes)  # in our first map
@@ -938,6 +938,18 @@ class State:
                 if address in inside and entry.up and self.netmap.linked(address, entry.up):
                     links.append({"a": address, "b": entry.up})
             return {"me": self.me, "root": self.lineage.chain()[0], "servers": servers, "links": links}
+
+
+def _take_seqs_from(first):
+    """``take_seqs(count)``: the next ``count`` sequence numbers of our ids, as a range (one
+    call per batch, not per activity), counting from ``first``; in memory only."""
+    last = first - 1
+
+    def take_seqs(count):
+        nonlocal last
+        last += count
+        return range(last - count + 1, last + 1)
+    return take_seqs
 
 
 def _gap_free_tail(entries):

@@ -339,8 +339,7 @@ class Store:
         self._unsynced = False  # a commit since then was not fsynced
         self.origin, first_seq = self._claim_sequence()
         self.first_seq = first_seq  # of this run: above the reservation of the previous one
-        self._seqs = itertools.count(first_seq)
-        self._last_seq = first_seq - 1
+        self._last_seq = first_seq - 1  # the last number handed out (by the relay)
         self._extend_at = self._reserved - SEQ_BLOCK // 2
         self._writer = threading.Thread(target=self._run, name="store-writer", daemon=True)
         self._writer.start()
@@ -362,11 +361,15 @@ class Store:
 
     # --- recording verbs: no I/O, O(1); called under the server's state lock ----------------
 
+    def take_seqs(self, count):
+        """The sequence numbers for our next ``count`` activity ids, a range (never a number an
+        earlier run handed out; the writer moves the reservation ahead when half of it is used)."""
+        first = self._last_seq + 1
+        self._last_seq += count
+        return range(first, first + count)
+
     def next_seq(self):
-        """The sequence number for our next activity id (never one an earlier run handed out;
-        the writer moves the reservation ahead when half of it is used)."""
-        seq = self._last_seq = next(self._seqs)
-        return seq
+        return self.take_seqs(1)[0]
 
     def add_user(self, name, secret):
         """Record a user; returns a Ticket for REGISTER_SUCCESS to wait on (outside the lock)."""
