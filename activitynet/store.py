@@ -1121,6 +1121,11 @@ def _connect(path, synchronous):
     db.execute("PRAGMA busy_timeout = 5000")
     db.execute("PRAGMA journal_mode = WAL")
     db.execute(f"PRAGMA synchronous = {synchronous}")
+    # Debian's SQLite zeroes every freed page (SECURE_DELETE): past disk_history each segment
+    # dropped was read, zeroed and written to the WAL and the database again, 250 bytes more
+    # written per activity (690 against 440) and a sixth more of the writer's CPU. FAST still
+    # zeroes what is deleted inside pages that are written anyway (a blocked user's secret).
+    db.execute("PRAGMA secure_delete = FAST")
     page_size = db.execute("PRAGMA page_size").fetchone()[0]  # an older database's may be 4 KiB
     db.execute(f"PRAGMA wal_autocheckpoint = {max(1, WAL_CHECKPOINT_BYTES // page_size)}")
     return db
