@@ -369,6 +369,7 @@ class Store:
         return range(first, first + count)
 
     def next_seq(self):
+        """``take_seqs`` of one: the number itself."""
         return self.take_seqs(1)[0]
 
     def add_user(self, name, secret):
@@ -1178,7 +1179,8 @@ class _snapshot:
         self.db.execute("BEGIN")
 
     def __exit__(self, *exc_info):
-        self.db.execute("COMMIT")
+        if self.db.in_transaction:  # (it reads only: ending it is all COMMIT does)
+            self.db.execute("COMMIT")
 
 
 class _reader:
