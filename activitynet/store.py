@@ -7,7 +7,7 @@ number stored per origin, and per-peer bookkeeping for recovery.
 
 Never on the relay's critical path
 ----------------------------------
-The recording verbs (``record``, ``add_user``, ``block_name``, ``set_peer_mark``, ``next_seq``)
+The recording verbs (``record``, ``add_user``, ``block_name``, ``set_peer_mark``, ``take_seqs``)
 are called by the server under its state lock, so they do no I/O: each appends to an in-memory
 queue (or sets a dict item) in O(1). ``record`` is called once per relayed *batch* (the
 activities of one read of a connection, already joined into the bytes every connection is sent)
@@ -37,7 +37,7 @@ its own short read transaction, so a long refill neither holds memory nor pins t
 
 How the server uses it (issue 10): ``Store.open(dir, disk_history)`` at start-up (``Server``),
 ``load(history)`` to seed the user directory, blocked names, history, de-duplication marks and
-per-peer marks (``State._restore``); ``next_seq()`` for every own id; under the state lock
+per-peer marks (``State._restore``); ``take_seqs(n)`` for own ids; under the state lock
 ``add_user`` (``users.DurableUsers``; the connection's reader thread sends REGISTER_SUCCESS once
 the ticket is settled, ``State.send_held``), ``block_name``, ``record`` with the history position
 (``State._publish_all``, ``State._publish``), the peer marks through a shared dict
