@@ -227,6 +227,22 @@ def make_id(origin, seq, sent_ms):
     return f"{origin}:{seq}:{sent_ms}"
 
 
+class Sequence:
+    """The sequence numbers of our ids, handed out in runs: ``take(count)`` is the next
+    ``count`` of them as a range (one call per batch, not per activity); ``last`` is the last
+    one handed out."""
+
+    __slots__ = ("last",)
+
+    def __init__(self, first=1):
+        self.last = first - 1
+
+    def take(self, count):
+        first = self.last + 1
+        self.last += count
+        return range(first, first + count)
+
+
 def make_ids(origin, seqs, sent_ms):
     """``make_id`` of each of ``seqs``, all sent at ``sent_ms``."""
     head, tail = f"{origin}:", f":{sent_ms}"

@@ -76,7 +76,7 @@ class State:
         self.hostname = hostname
         self.port = port
         self.origin = origin or protocol.new_origin()
-        self._take_seqs = _take_seqs_from(1)  # a data store hands them out instead
+        self._take_seqs = protocol.Sequence().take  # a data store hands them out instead
         self._session_ids = itertools.count(1)
         self._users = Users() if users is None else users
         self._history = History(history_size) if history is None else history
@@ -938,18 +938,6 @@ class State:
                 if address in inside and entry.up and self.netmap.linked(address, entry.up):
                     links.append({"a": address, "b": entry.up})
             return {"me": self.me, "root": self.lineage.chain()[0], "servers": servers, "links": links}
-
-
-def _take_seqs_from(first):
-    """``take_seqs(count)``: the next ``count`` sequence numbers of our ids, as a range (one
-    call per batch, not per activity), counting from ``first``; in memory only."""
-    last = first - 1
-
-    def take_seqs(count):
-        nonlocal last
-        last += count
-        return range(last - count + 1, last + 1)
-    return take_seqs
 
 
 def _gap_free_tail(entries):

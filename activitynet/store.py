@@ -339,7 +339,7 @@ class Store:
         self._unsynced = False  # a commit since then was not fsynced
         self.origin, first_seq = self._claim_sequence()
         self.first_seq = first_seq  # of this run: above the reservation of the previous one
-        self._last_seq = first_seq - 1  # the last number handed out (by the relay)
+        self._sequence = protocol.Sequence(first_seq)  # handed out by the relay
         self._extend_at = self._reserved - SEQ_BLOCK // 2
         self._writer = threading.Thread(target=self._run, name="store-writer", daemon=True)
         self._writer.start()
@@ -364,9 +364,7 @@ class Store:
     def take_seqs(self, count):
         """The sequence numbers for our next ``count`` activity ids, a range (never a number an
         earlier run handed out; the writer moves the reservation ahead when half of it is used)."""
-        first = self._last_seq + 1
-        self._last_seq += count
-        return range(first, first + count)
+        return self._sequence.take(count)
 
     def next_seq(self):
         """``take_seqs`` of one: the number itself."""
@@ -544,7 +542,8 @@ class Store:
     def _write(self, batch, final=False):
         peer_marks = self._peer_marks.copy()  # one C call: atomic against writers
         changed = [(k, v) for k, v in peer_marks.items() if self._stored_peer_marks.get(k) != v]
-        reserve = self._last_seq + SEQ_BLOCK if self._last_seq > self._extend_at else None
+        last_seq = self._sequence.last
+        reserve = last_seq + SEQ_BLOCK if last_seq > self._extend_at else None
         # commits left without fsync by a stream that then stopped, and the summary they left
         # out (origins, peer marks): fsynced and written SYNC_EVERY_S on
         sync_due = ((self._unsynced or self._pending_highs or changed)
